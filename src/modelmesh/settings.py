@@ -1,0 +1,143 @@
+"""Settings, parsed once from the environment and command-line flags into frozen objects.
+
+Nothing else in modelmesh reads ``os.environ``: ``app`` and ``cli`` call ``from_env`` with the
+process environment and pass the result down. Env names follow KServe ModelMesh where one exists.
+A flag given on the command line wins over its env var.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _labels(raw: str) -> tuple[str, ...]:
+    return tuple(sorted(x.strip() for x in raw.split(",") if x.strip()))
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """Settings of a mesh pod (``modelmesh serve``)."""
+
+    # address the external gRPC port binds; tests use 127.0.0.1
+    host: str = "0.0.0.0"
+    # external gRPC port: inference data plane + management API (MM_SVC_GRPC_PORT)
+    grpc_port: int = 8033
+    # largest gRPC message accepted and forwarded, both directions (MM_SVC_GRPC_MAX_MSG_SIZE)
+    max_msg_size: int = 16 * MIB
+    # Prometheus metrics port, 0 to disable (MM_METRICS_PORT)
+    metrics_port: int = 2112
+    # runtime to use: "host:port" or "unix:/path"; None starts the built-in runtime as a child
+    # (INTERNAL_GRPC_PORT gives a loopback port, INTERNAL_GRPC_SOCKET_PATH a Unix socket)
+    runtime_endpoint: str | None = None
+    # capacity handed to the built-in runtime child; None lets it size itself (MM_RUNTIME_CAPACITY_BYTES)
+    runtime_capacity_bytes: int | None = None
+    # registry store: "memory" for single node, or "etcd:http://host:port[,...]" (KV_STORE)
+    kv_store: str = "memory"
+    # key prefix and service name: keys live under <prefix>/<service>/ (MM_KVSTORE_PREFIX, MM_SERVICE_NAME)
+    kv_prefix: str = "mm"
+    service_name: str = "modelmesh"
+    # this pod's id in the cluster (MM_INSTANCE_ID; default hostname-pid)
+    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # placement labels of this pod and its zone (MM_LABELS comma separated, MM_ZONE)
+    labels: tuple[str, ...] = ()
+    zone: str = ""
+    # {"<model type>": {"required": [...], "preferred": [...]}} (MM_TYPE_CONSTRAINTS)
+    type_constraints: dict[str, Any] = field(default_factory=dict)
+    # requests per minute per copy above which copies are added (MM_SCALEUP_RPM_THRESHOLD)
+    scaleup_rpm_threshold: int = 2000
+    # how long a failed load is remembered before the model is tried again (MM_LOAD_FAILURE_EXPIRY_MS)
+    load_failure_expiry_ms: int = 15 * 60 * 1000
+    # seconds to wait for the runtime to report READY at start (MM_RUNTIME_STARTUP_TIMEOUT_S)
+    runtime_startup_timeout_s: float = 60.0
+    # log level name (MM_LOG_LEVEL)
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> MeshSettings:
+        """Build settings from ``env`` (usually os.environ), then apply non-None ``overrides``."""
+        endpoint = None
+        if env.get("INTERNAL_GRPC_SOCKET_PATH"):
+            endpoint = "unix:" + env["INTERNAL_GRPC_SOCKET_PATH"]
+        elif env.get("INTERNAL_GRPC_PORT"):
+            endpoint = f"127.0.0.1:{_int(env, 'INTERNAL_GRPC_PORT', 0)}"
+        capacity = env.get("MM_RUNTIME_CAPACITY_BYTES")
+        constraints_raw = env.get("MM_TYPE_CONSTRAINTS", "")
+        try:
+            constraints = json.loads(constraints_raw) if constraints_raw else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"MM_TYPE_CONSTRAINTS is not valid JSON: {err}") from None
+        base = cls(
+            grpc_port=_int(env, "MM_SVC_GRPC_PORT", 8033),
+            max_msg_size=_int(env, "MM_SVC_GRPC_MAX_MSG_SIZE", 16 * MIB),
+            metrics_port=_int(env, "MM_METRICS_PORT", 2112),
+            runtime_endpoint=endpoint,
+            runtime_capacity_bytes=int(capacity) if capacity else None,
+            kv_store=env.get("KV_STORE", "memory") or "memory",
+            kv_prefix=env.get("MM_KVSTORE_PREFIX", "mm") or "mm",
+            service_name=env.get("MM_SERVICE_NAME", "modelmesh") or "modelmesh",
+            labels=_labels(env.get("MM_LABELS", "")),
+            zone=env.get("MM_ZONE", ""),
+            type_constraints=constraints,
+            scaleup_rpm_threshold=_int(env, "MM_SCALEUP_RPM_THRESHOLD", 2000),
+            load_failure_expiry_ms=_int(env, "MM_LOAD_FAILURE_EXPIRY_MS", 15 * 60 * 1000),
+            runtime_startup_timeout_s=float(env.get("MM_RUNTIME_STARTUP_TIMEOUT_S", "60") or 60),
+            log_level=env.get("MM_LOG_LEVEL", "INFO") or "INFO",
+        )
+        if env.get("MM_INSTANCE_ID"):
+            base = replace(base, instance_id=env["MM_INSTANCE_ID"])
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def key_root(self) -> str:
+        return f"{self.kv_prefix}/{self.service_name}"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Settings of the built-in ONNX runtime (``modelmesh runtime``)."""
+
+    host: str = "127.0.0.1"
+    # SPI + inference port (INTERNAL_GRPC_PORT); 0 picks a free one and prints it
+    grpc_port: int = 8085
+    # Unix socket to listen on instead of the port (INTERNAL_GRPC_SOCKET_PATH)
+    socket_path: str | None = None
+    # bytes for loaded models; None: a share of available memory (MM_RUNTIME_CAPACITY_BYTES)
+    capacity_bytes: int | None = None
+    # share of available memory used when capacity_bytes is None
+    memory_share: float = 0.5
+    max_loading_concurrency: int = 2
+    loading_timeout_ms: int = 240_000
+    default_model_size_bytes: int = 1 * MIB
+    max_msg_size: int = 16 * MIB
+    # threads running inference (onnxruntime releases the GIL)
+    inference_threads: int = 4
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> RuntimeSettings:
+        capacity = env.get("MM_RUNTIME_CAPACITY_BYTES")
+        base = cls(
+            grpc_port=_int(env, "INTERNAL_GRPC_PORT", 8085),
+            socket_path=env.get("INTERNAL_GRPC_SOCKET_PATH") or None,
+            capacity_bytes=int(capacity) if capacity else None,
+            max_msg_size=_int(env, "MM_SVC_GRPC_MAX_MSG_SIZE", 16 * MIB),
+            log_level=env.get("MM_LOG_LEVEL", "INFO") or "INFO",
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})

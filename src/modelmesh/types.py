@@ -1,0 +1,105 @@
+"""Plain data shared by the layers: model info and records, runtime status, load results."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class ModelState(enum.IntEnum):
+    """Status of a model, numbered as ``mmesh.ModelStatusInfo.ModelStatus``."""
+
+    NOT_FOUND = 0
+    NOT_LOADED = 1
+    LOADING = 2
+    LOADED = 3
+    LOADING_FAILED = 4
+    UNKNOWN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a runtime needs to load a model: passed to ``loadModel`` as is."""
+
+    type: str
+    path: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailure:
+    time_ms: int
+    message: str
+
+
+@dataclass(slots=True)
+class ModelRecord:
+    """A registered model, stored as JSON at ``<prefix>/<service>/registry/<modelId>``.
+
+    ``copies`` maps an instance id to the time (ms) its load started; ``failures`` maps an instance
+    id to its latest load failure there.
+    """
+
+    info: ModelInfo
+    registered_ms: int
+    last_used_ms: int = 0
+    copies: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, LoadFailure] = field(default_factory=dict)
+    refs: int = 0
+    auto_delete: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ModelRecord:
+        d: dict[str, Any] = json.loads(raw)
+        return cls(
+            info=ModelInfo(**d["info"]),
+            registered_ms=d["registered_ms"],
+            last_used_ms=d.get("last_used_ms", 0),
+            copies=dict(d.get("copies", {})),
+            failures={k: LoadFailure(**v) for k, v in d.get("failures", {}).items()},
+            refs=d.get("refs", 0),
+            auto_delete=d.get("auto_delete", False),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CopyStatus:
+    instance_id: str
+    state: ModelState
+    time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """What getModelStatus reports."""
+
+    state: ModelState
+    errors: tuple[str, ...] = ()
+    copies: tuple[CopyStatus, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatus:
+    """A runtime's answer to ``runtimeStatus``."""
+
+    ready: bool
+    capacity_bytes: int
+    max_loading_concurrency: int
+    loading_timeout_ms: int
+    default_model_size_bytes: int
+    runtime_version: str = ""
+    # fully qualified "package.Service/Method" -> field path where the model id is injected
+    method_infos: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    allow_any_method: bool = True
+    limit_model_concurrency: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    size_bytes: int
+    max_concurrency: int = 0
