@@ -75,7 +75,13 @@ class KVStore(Protocol):
         """Delete; True when something was deleted. CasFailed on a revision mismatch."""
 
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        """Batches of events under ``prefix`` with mod_revision >= start_revision, forever."""
+        """Batches of events under ``prefix`` with mod_revision >= start_revision, until close().
+
+        ``start_revision`` is at least 1; to follow a table, list it and watch from
+        ``Listing.revision + 1``. Events come in revision order, and all events of one revision
+        (a lease's keys vanish in one) come in one batch. Raises ``Compacted`` when that history is
+        gone, at the start or later for a consumer that falls too far behind. The result is an
+        async generator: stop it with ``aclose()`` or by cancelling the task that iterates it."""
 
     async def grant_lease(self, ttl_s: float) -> int:
         """A new lease id; keys written with it vanish ttl_s after the last keepalive."""
@@ -83,9 +89,12 @@ class KVStore(Protocol):
     async def keepalive(self, lease: int) -> None:
         """Refresh a lease once; raises ``LeaseExpired`` when it is gone."""
 
-    async def revoke_lease(self, lease: int) -> None: ...
+    async def revoke_lease(self, lease: int) -> None:
+        """Delete the lease and its keys now; a lease that is already gone is not an error."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release everything and end active watches; idempotent. Later calls may raise
+        ``StoreUnavailable``."""
 
 
 class LeaseExpired(MeshError):
