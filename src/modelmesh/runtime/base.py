@@ -7,7 +7,7 @@ serialized bytes: the mesh never parses more of them than the model id.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from modelmesh.types import LoadResult, ModelInfo, RuntimeStatus
@@ -37,10 +37,5 @@ class ModelRuntimeClient(Protocol):
         """Call a unary data-plane method (``/inference.GRPCInferenceService/ModelInfer``) with a
         serialized request; return the serialized response. gRPC errors from the runtime are raised
         as UpstreamError with their code."""
-
-    def invoke_stream(
-        self, method: str, bodies: AsyncIterator[bytes], metadata: Metadata, timeout_s: float | None
-    ) -> AsyncIterator[bytes]:
-        """Call a bidirectional-streaming data-plane method with serialized messages."""
 
     async def close(self) -> None: ...

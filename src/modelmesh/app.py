@@ -1,0 +1,253 @@
+"""Composition root: builds a mesh pod from its settings and owns its lifecycle.
+
+Start order: store -> runtime (child process, or the given endpoint) until READY -> registry view
+-> mesh core -> gRPC server -> metrics endpoint; health turns SERVING last. Stop runs backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from modelmesh.api import dataplane, management
+from modelmesh.api.server import build_server
+from modelmesh.clock import Clock, SystemClock
+from modelmesh.errors import RuntimeUnavailable
+from modelmesh.kv.base import KVStore
+from modelmesh.kv.memory import MemoryStore
+from modelmesh.mesh import Mesh
+from modelmesh.metrics import MeshMetrics
+from modelmesh.registry import Registry
+from modelmesh.runtime.grpc_client import GrpcRuntimeClient
+from modelmesh.settings import MeshSettings
+
+log = logging.getLogger(__name__)
+
+LISTENING_PREFIX = "modelmesh runtime listening on "
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def open_store(settings: MeshSettings, clock: Clock) -> KVStore:
+    if settings.kv_store == "memory":
+        return MemoryStore(clock)
+    raise ValueError(
+        f"KV_STORE={settings.kv_store!r} is not supported yet; use 'memory' (single node)"
+    )
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the runtime child gets SIGTERM if the pod process dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class RuntimeProcess:
+    """The built-in runtime as a child process on a free loopback port."""
+
+    def __init__(self, settings: MeshSettings) -> None:
+        self._settings = settings
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        cmd = [sys.executable, "-m", "modelmesh.cli", "runtime", "--host", "127.0.0.1", "--grpc-port", "0",
+               "--log-level", self._settings.log_level]
+        if self._settings.runtime_capacity_bytes:
+            cmd += ["--capacity", str(self._settings.runtime_capacity_bytes)]
+        self._proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=subprocess.PIPE, stderr=None, preexec_fn=_die_with_parent,
+        )
+        assert self._proc.stdout is not None
+        try:
+            async with asyncio.timeout(self._settings.runtime_startup_timeout_s):
+                while True:
+                    line = await self._proc.stdout.readline()
+                    if not line:
+                        raise RuntimeUnavailable(
+                            f"the built-in runtime exited during start-up (code {await self._proc.wait()})"
+                        )
+                    text = line.decode(errors="replace").strip()
+                    if text.startswith(LISTENING_PREFIX):
+                        self.address = text[len(LISTENING_PREFIX):]
+                        break
+        except TimeoutError:
+            await self.stop()
+            raise RuntimeUnavailable("the built-in runtime did not start in time") from None
+        # keep draining stdout so the child never blocks on a full pipe
+        self._stderr_task = asyncio.create_task(self._drain(), name="runtime-stdout")
+        log.info("built-in runtime (pid %d) listening on %s", self._proc.pid, self.address)
+        return self.address
+
+    async def _drain(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        while await self._proc.stdout.readline():
+            pass
+
+    async def stop(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._stderr_task is not None:
+            self._stderr_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stderr_task
+        self._proc = None
+
+
+@dataclass
+class MeshPod:
+    """A running pod; ``stop()`` shuts everything down."""
+
+    settings: MeshSettings
+    port: int
+    mesh: Mesh
+    metrics_registry: CollectorRegistry
+    metrics_port: int = 0
+    _closers: list[Any] = field(default_factory=list)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        for closer in reversed(self._closers):
+            try:
+                result = closer(grace_s)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("error while stopping")
+        self._closers.clear()
+
+
+async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> MeshPod:
+    """Start every part of a pod and return once it serves."""
+    clock = clock or SystemClock()
+    closers: list[Any] = []
+
+    async def unwind() -> None:
+        for closer in reversed(closers):
+            with contextlib.suppress(Exception):
+                result = closer(0)
+                if asyncio.iscoroutine(result):
+                    await result
+
+    try:
+        store = open_store(settings, clock)
+        closers.append(lambda _g: store.close())
+
+        endpoint = settings.runtime_endpoint
+        if endpoint is None:
+            child = RuntimeProcess(settings)
+            closers.append(lambda _g: child.stop())
+            endpoint = await child.start()
+        runtime = GrpcRuntimeClient(endpoint, settings.max_msg_size)
+        closers.append(lambda _g: runtime.close())
+        status = await runtime.wait_ready(settings.runtime_startup_timeout_s)
+
+        registry = Registry(store, settings.key_root)
+        await registry.start()
+        closers.append(lambda _g: registry.close())
+
+        metrics_registry = CollectorRegistry()
+        metrics = MeshMetrics(metrics_registry)
+        mesh = Mesh(
+            instance_id=settings.instance_id, registry=registry, runtime=runtime, metrics=metrics,
+            clock=clock, load_failure_expiry_ms=settings.load_failure_expiry_ms,
+        )
+        mesh.start(status)
+        closers.append(lambda _g: mesh.close())
+
+        health_servicer = health.aio.HealthServicer()
+        serving = {"ready": False}
+        server = build_server(
+            management_servicer=management.ManagementServicer(mesh),
+            data_plane=dataplane.DataPlane(mesh, metrics, clock, ready=lambda: serving["ready"]),
+            health_servicer=health_servicer,
+            max_msg_size=settings.max_msg_size,
+        )
+        port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
+        await server.start()
+        closers.append(lambda g: server.stop(g))
+
+        metrics_port = 0
+        if settings.metrics_port:
+            httpd, thread = start_http_server(settings.metrics_port, settings.host, registry=metrics_registry)
+            metrics_port = httpd.server_port
+
+            def stop_metrics(_g: float) -> None:
+                httpd.shutdown()
+                httpd.server_close()
+                thread.join(timeout=5)
+
+            closers.append(stop_metrics)
+
+        serving["ready"] = True
+        for name in ("", management.SERVICE, dataplane.SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        async def not_serving(_g: float) -> None:
+            serving["ready"] = False
+            await health_servicer.enter_graceful_shutdown()
+
+        closers.append(not_serving)
+    except BaseException:
+        await unwind()
+        raise
+    log.info("modelmesh pod %s serving on %s:%d", settings.instance_id, settings.host, port)
+    return MeshPod(settings, port, mesh, metrics_registry, metrics_port, closers)
+
+
+def run_mesh(settings: MeshSettings) -> int:
+    """Run a pod until SIGINT or SIGTERM."""
+    configure_logging(settings.log_level)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            pod = await start_pod(settings)
+        except (RuntimeUnavailable, OSError, ValueError) as err:
+            log.error("cannot start: %s", err)
+            return 1
+        print(f"modelmesh serving on {settings.host}:{pod.port} (metrics on :{pod.metrics_port})", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+        await pod.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_mesh(MeshSettings.from_env(os.environ)))

@@ -1,0 +1,531 @@
+"""The mesh core: the pod's model cache, on-demand loads, eviction and the request path.
+
+Callable and testable without gRPC: the servicers in ``api/`` convert wire messages and call
+these methods. One instance per pod.
+
+Request path (``invoke``): a loaded copy is used at once, with no store access. On a miss the
+request joins the model's one load task (check, then re-check under the same event-loop step, then
+load), so any number of concurrent first requests cause exactly one load. A load first makes room
+by unloading the least recently used idle models, then takes one of the runtime's loading slots,
+records this pod as holding a copy (compare-and-set on the model record), and calls the runtime.
+A failed load is remembered with the runtime's message; requests for that model fail fast with it
+until the failure expires, and the next request after that tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from modelmesh.clock import Clock
+from modelmesh.errors import (
+    CapacityExhausted,
+    InvalidRequest,
+    MeshError,
+    ModelExists,
+    ModelLoadFailed,
+    ModelNotFound,
+    RuntimeUnavailable,
+    UpstreamError,
+)
+from modelmesh.metrics import MeshMetrics
+from modelmesh.placement.eviction import CachedModel, choose_evictions
+from modelmesh.registry import Registry
+from modelmesh.routing import RouteTarget
+from modelmesh.runtime.base import Metadata, ModelRuntimeClient
+from modelmesh.types import (
+    CopyStatus,
+    LoadFailure,
+    ModelInfo,
+    ModelRecord,
+    ModelState,
+    ModelStatus,
+    RuntimeStatus,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_ID_LENGTH = 512
+
+
+class CopyState(enum.Enum):
+    LOADING = "loading"
+    LOADED = "loaded"
+
+
+@dataclass(slots=True, eq=False)
+class LocalCopy:
+    """A model in this pod's runtime (or on its way there)."""
+
+    model_id: str
+    state: CopyState
+    # predicted size while loading, measured size once loaded
+    size_bytes: int
+    last_used_ms: int
+    state_ms: int
+    in_flight: int = 0
+
+
+def validate_model_id(model_id: str) -> None:
+    if not model_id or not model_id.strip():
+        raise InvalidRequest("model id must not be empty")
+    if len(model_id) > MAX_MODEL_ID_LENGTH:
+        raise InvalidRequest(f"model id is longer than {MAX_MODEL_ID_LENGTH} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in model_id):
+        raise InvalidRequest("model id must not contain control characters")
+
+
+class Mesh:
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        registry: Registry,
+        runtime: ModelRuntimeClient,
+        metrics: MeshMetrics,
+        clock: Clock,
+        load_failure_expiry_ms: int,
+    ) -> None:
+        self.instance_id = instance_id
+        self._registry = registry
+        self._runtime = runtime
+        self._metrics = metrics
+        self._clock = clock
+        self._failure_expiry_ms = load_failure_expiry_ms
+        self._copies: dict[str, LocalCopy] = {}
+        self._loads: dict[str, asyncio.Task[LocalCopy]] = {}
+        self._unloads: dict[str, asyncio.Task[None]] = {}
+        self._failures: dict[str, LoadFailure] = {}
+        self._background: set[asyncio.Task[object]] = set()
+        # models being dropped after an unregister seen in the registry
+        self._drops: dict[str, asyncio.Task[object]] = {}
+        self._status: RuntimeStatus | None = None
+        self._load_slots = asyncio.Semaphore(1)
+        self.capacity_bytes = 0
+        registry.on_removed.append(self._on_model_removed)
+        self._export_gauges()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, status: RuntimeStatus) -> None:
+        """Take the runtime's limits; called once the runtime reports READY."""
+        self._status = status
+        self.capacity_bytes = status.capacity_bytes
+        self._load_slots = asyncio.Semaphore(max(1, status.max_loading_concurrency))
+        log.info(
+            "runtime ready: capacity %d bytes, %d loading slots, load timeout %d ms",
+            status.capacity_bytes, status.max_loading_concurrency, status.loading_timeout_ms,
+        )
+
+    async def close(self) -> None:
+        tasks = [*self._loads.values(), *self._background]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._unloads.values(), return_exceptions=True)
+
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._background.add(task)
+
+        def done(t: asyncio.Task[object]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                if isinstance(exc, MeshError):
+                    log.info("%s: %s", name, exc)
+                else:
+                    log.error("%s failed", name, exc_info=exc)
+
+        task.add_done_callback(done)
+        return task
+
+    # ------------------------------------------------------------------ data plane
+
+    def resolve(self, target: RouteTarget) -> str:
+        """The concrete model id a request is for; ModelNotFound when nothing matches."""
+        if target.kind == "vmodel":
+            raise ModelNotFound(f"vmodel '{target.id}' not found")
+        if self._registry.cached(target.id) is None:
+            raise ModelNotFound(f"model '{target.id}' not found")
+        return target.id
+
+    async def invoke(
+        self, model_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
+    ) -> bytes:
+        """Send one request to the model's copy in the runtime, loading it first if needed."""
+        for attempt in (1, 2):
+            copy = self._copies.get(model_id)
+            if copy is None or copy.state is not CopyState.LOADED:
+                copy = await self._ensure_local(model_id)
+            copy.in_flight += 1
+            copy.last_used_ms = self._clock.now_ms()
+            started = self._clock.monotonic()
+            code = "OK"
+            try:
+                return await self._runtime.invoke(method, body, metadata, timeout_s)
+            except UpstreamError as err:
+                code = err.code
+                # The runtime lost the model (it restarted): forget the copy and load it again, once.
+                if attempt == 1 and err.code == "NOT_FOUND" and self._copies.get(model_id) is copy:
+                    log.warning("runtime no longer has '%s'; loading it again", model_id)
+                    del self._copies[model_id]
+                    continue
+                raise
+            except BaseException as err:
+                code = type(err).__name__
+                raise
+            finally:
+                copy.in_flight -= 1
+                self._metrics.invoke_model.labels(method.rsplit("/", 1)[-1], code).observe(
+                    (self._clock.monotonic() - started) * 1000
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _ensure_local(self, model_id: str) -> LocalCopy:
+        """The loaded local copy, loading it if needed; concurrent callers share one load."""
+        started = self._clock.monotonic()
+        try:
+            while True:
+                copy = self._copies.get(model_id)
+                if copy is not None and copy.state is CopyState.LOADED:
+                    return copy
+                task = self._loads.get(model_id)
+                if task is None:
+                    record = self._registry.cached(model_id)
+                    if record is None:
+                        raise ModelNotFound(f"model '{model_id}' not found")
+                    self._raise_if_failed_recently(model_id)
+                    task = asyncio.create_task(self._load(model_id, record.info), name=f"load:{model_id}")
+                    self._loads[model_id] = task
+                    task.add_done_callback(self._load_done)
+                # shield: a caller that gives up must not cancel a load others wait for
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if task.cancelled() and not (current and current.cancelling()):
+                        # the load was stopped by an unregister or unload, not by this caller
+                        if self._registry.cached(model_id) is None:
+                            raise ModelNotFound(f"model '{model_id}' was unregistered") from None
+                        continue
+                    raise
+        finally:
+            self._metrics.cache_miss.observe((self._clock.monotonic() - started) * 1000)
+
+    def _load_done(self, task: asyncio.Task[LocalCopy]) -> None:
+        model_id = task.get_name().removeprefix("load:")
+        if self._loads.get(model_id) is task:
+            del self._loads[model_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here so an unwaited failure is not reported as lost
+
+    def _raise_if_failed_recently(self, model_id: str) -> None:
+        failure = self._failures.get(model_id)
+        if failure is None:
+            return
+        age = self._clock.now_ms() - failure.time_ms
+        if age >= self._failure_expiry_ms:
+            del self._failures[model_id]
+            return
+        retry_in = (self._failure_expiry_ms - age) / 1000
+        raise ModelLoadFailed(
+            f"model '{model_id}' failed to load: {failure.message} (next attempt in {retry_in:.0f} s)"
+        )
+
+    # ------------------------------------------------------------------ loading and eviction
+
+    async def _load(self, model_id: str, info: ModelInfo) -> LocalCopy:
+        pending_unload = self._unloads.get(model_id)
+        if pending_unload is not None:
+            await asyncio.gather(pending_unload, return_exceptions=True)
+        status = self._require_status()
+        now = self._clock.now_ms()
+        predicted = await self._predict_size(model_id, info, status)
+        copy = LocalCopy(model_id, CopyState.LOADING, predicted, now, now)
+        self._copies[model_id] = copy
+        try:
+            await self._make_room(model_id, predicted)
+            queued = self._clock.monotonic()
+            async with self._load_slots:
+                self._metrics.loading_queue_delay.observe((self._clock.monotonic() - queued) * 1000)
+                await self._registry.update(model_id, lambda r: _with_copy(r, self.instance_id, now))
+                started = self._clock.monotonic()
+                try:
+                    result = await self._runtime.load_model(
+                        model_id, info, status.loading_timeout_ms / 1000
+                    )
+                except ModelLoadFailed as err:
+                    await self._record_failure(model_id, err.message)
+                    raise ModelLoadFailed(f"model '{model_id}' failed to load: {err.message}") from err
+                except BaseException:
+                    # cancelled or the runtime vanished mid-load: make sure nothing stays loaded
+                    self._spawn(self._unload(model_id, evicted=False), f"unload:{model_id}")
+                    raise
+                self._metrics.load_model.observe((self._clock.monotonic() - started) * 1000)
+            size = result.size_bytes or await self._runtime.model_size(model_id) or predicted
+            copy.size_bytes = size
+            copy.state = CopyState.LOADED
+            copy.state_ms = self._clock.now_ms()
+            self._metrics.loaded_model_size.observe(size)
+            if size > predicted:
+                await self._settle_after_load(model_id, size)
+            log.info("loaded '%s' (%d bytes)", model_id, size)
+            return copy
+        except BaseException:
+            if self._copies.get(model_id) is copy:
+                del self._copies[model_id]
+            raise
+
+    async def _predict_size(self, model_id: str, info: ModelInfo, status: RuntimeStatus) -> int:
+        try:
+            predicted = await self._runtime.predict_model_size(model_id, info)
+        except MeshError as err:
+            log.warning("predictModelSize for '%s' failed (%s); using the default size", model_id, err)
+            predicted = 0
+        return predicted or status.default_model_size_bytes
+
+    async def _make_room(self, model_id: str, needed: int) -> None:
+        """Evict least recently used idle models until ``needed`` bytes fit beside the rest."""
+        others = [
+            CachedModel(c.model_id, c.size_bytes, c.last_used_ms,
+                        busy=c.state is CopyState.LOADING or c.in_flight > 0)
+            for c in self._copies.values() if c.model_id != model_id
+        ]
+        decision = choose_evictions(others, self.capacity_bytes, needed)
+        if not decision.fits:
+            raise CapacityExhausted(f"cannot load '{model_id}': {decision.reason}")
+        # Removed from the table before any await, so a concurrent load sees the space as taken
+        # by the model being loaded, and a new request for a victim starts a fresh load (which
+        # waits for this unload first).
+        now = self._clock.now_ms()
+        unloads = []
+        for victim in decision.victims:
+            evicted = self._copies.pop(victim)
+            self._metrics.model_evicted.inc()
+            self._metrics.age_at_eviction.observe(now - evicted.last_used_ms)
+            log.info("evicting '%s' (%d bytes) to make room for '%s'", victim, evicted.size_bytes, model_id)
+            unloads.append(self._start_unload(victim, evicted=True))
+        if unloads:
+            await asyncio.gather(*unloads, return_exceptions=True)
+
+    async def _settle_after_load(self, model_id: str, size: int) -> None:
+        """The model turned out larger than predicted: evict more, or give it up if it cannot fit."""
+        try:
+            await self._make_room(model_id, size)
+        except CapacityExhausted as err:
+            if size > self.capacity_bytes:
+                await self._record_failure(model_id, err.message)
+                self._copies.pop(model_id, None)
+                await self._start_unload(model_id, evicted=False)
+                raise ModelLoadFailed(err.message) from err
+            log.warning("over capacity after loading '%s': %s", model_id, err.message)
+
+    def _start_unload(self, model_id: str, *, evicted: bool) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._unload(model_id, evicted=evicted), name=f"unload:{model_id}")
+        self._unloads[model_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._unloads.get(model_id) is t:
+                del self._unloads[model_id]
+            if not t.cancelled():
+                t.exception()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _unload(self, model_id: str, *, evicted: bool) -> None:
+        started = self._clock.monotonic()
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(3),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                retry=retry_if_exception_type(RuntimeUnavailable),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._runtime.unload_model(model_id)
+            self._metrics.unload_model.observe((self._clock.monotonic() - started) * 1000)
+        except MeshError as err:
+            self._metrics.unload_model_failure.inc()
+            log.error("unloading '%s' failed: %s", model_id, err)
+        try:
+            await self._registry.update(model_id, lambda r: _without_copy(r, self.instance_id))
+        except ModelNotFound:
+            pass
+        except MeshError as err:
+            log.warning("could not remove the copy of '%s' from its record: %s", model_id, err)
+
+    async def _record_failure(self, model_id: str, message: str) -> None:
+        failure = LoadFailure(self._clock.now_ms(), message)
+        self._failures[model_id] = failure
+        self._metrics.load_model_failure.inc()
+        log.warning("loading '%s' failed: %s", model_id, message)
+        try:
+            await self._registry.update(model_id, lambda r: _with_failure(r, self.instance_id, failure))
+        except MeshError as err:
+            log.warning("could not record the failure of '%s': %s", model_id, err)
+
+    async def _drop_local(self, model_id: str) -> None:
+        """Stop any load of the model here and unload it from the runtime."""
+        task = self._loads.get(model_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        copy = self._copies.pop(model_id, None)
+        if copy is not None:
+            await self._start_unload(model_id, evicted=False)
+
+    def _on_model_removed(self, model_id: str) -> None:
+        self._failures.pop(model_id, None)
+        if (model_id in self._copies or model_id in self._loads) and model_id not in self._drops:
+            task = self._spawn(self._drop_local(model_id), f"drop:{model_id}")
+            self._drops[model_id] = task
+            task.add_done_callback(lambda t: self._drops.pop(model_id, None))
+
+    def _require_status(self) -> RuntimeStatus:
+        if self._status is None:
+            raise RuntimeUnavailable("the runtime is not ready yet")
+        return self._status
+
+    # ------------------------------------------------------------------ management
+
+    async def register(
+        self, model_id: str, info: ModelInfo, *, load_now: bool, sync: bool, last_used_ms: int = 0
+    ) -> ModelStatus:
+        validate_model_id(model_id)
+        if not info.type:
+            raise InvalidRequest("model info needs a type (for example 'onnx')")
+        now = self._clock.now_ms()
+        record = ModelRecord(info=info, registered_ms=now, last_used_ms=last_used_ms or now)
+        if not await self._registry.create(model_id, record):
+            existing = await self._registry.get(model_id)
+            if existing is not None and existing.record.info != info:
+                raise ModelExists(
+                    f"model '{model_id}' is already registered with different info "
+                    f"(type={existing.record.info.type!r}, path={existing.record.info.path!r}); "
+                    "unregister it first"
+                )
+        if load_now:
+            return await self.ensure_loaded(model_id, sync=sync)
+        return await self.status(model_id)
+
+    async def unregister(self, model_id: str) -> None:
+        """Remove the model's record and unload it here; unknown ids are a no-op."""
+        # Deleting the record first stops new requests from loading it again; the registry then
+        # tells _on_model_removed, which starts the unload awaited here.
+        await self._registry.delete(model_id)
+        drop = self._drops.get(model_id)
+        if drop is not None:
+            await asyncio.gather(drop, return_exceptions=True)
+
+    async def ensure_loaded(self, model_id: str, *, sync: bool, last_used_ms: int = 0) -> ModelStatus:
+        if (await self._registry.get(model_id)) is None:
+            raise ModelNotFound(f"model '{model_id}' not found")
+        if sync:
+            try:
+                copy = await self._ensure_local(model_id)
+                if last_used_ms:
+                    copy.last_used_ms = last_used_ms
+            except ModelLoadFailed:
+                pass  # reported through the status below
+        else:
+            self._spawn(self._ensure_local(model_id), f"ensure:{model_id}")
+            await asyncio.sleep(0)  # let the load register itself so the status says LOADING
+        return await self.status(model_id)
+
+    async def unload(self, model_id: str) -> None:
+        """Unload the model here but keep it registered (repository unload)."""
+        if self._registry.cached(model_id) is None:
+            raise ModelNotFound(f"model '{model_id}' not found")
+        await self._drop_local(model_id)
+
+    async def status(self, model_id: str) -> ModelStatus:
+        versioned = await self._registry.get(model_id)
+        if versioned is None:
+            return ModelStatus(ModelState.NOT_FOUND)
+        return self._status_of(model_id, versioned.record)
+
+    def list_models(self) -> list[tuple[str, ModelStatus]]:
+        return sorted((mid, self._status_of(mid, rec)) for mid, rec in self._registry.items())
+
+    def _status_of(self, model_id: str, record: ModelRecord) -> ModelStatus:
+        now = self._clock.now_ms()
+        copies: list[CopyStatus] = []
+        local = self._copies.get(model_id)
+        if local is not None:
+            state = ModelState.LOADED if local.state is CopyState.LOADED else ModelState.LOADING
+            copies.append(CopyStatus(self.instance_id, state, local.state_ms))
+        elif model_id in self._loads:
+            copies.append(CopyStatus(self.instance_id, ModelState.LOADING, now))
+        for instance, started in record.copies.items():
+            if instance != self.instance_id:
+                copies.append(CopyStatus(instance, ModelState.LOADED, started))
+        errors = tuple(
+            f.message for f in record.failures.values() if now - f.time_ms < self._failure_expiry_ms
+        )
+        local_failure = self._failures.get(model_id)
+        if local_failure is not None and local_failure.message not in errors:
+            errors += (local_failure.message,)
+        copies.sort(key=lambda c: c.time_ms, reverse=True)
+        if any(c.state is ModelState.LOADED for c in copies):
+            state = ModelState.LOADED
+        elif copies:
+            state = ModelState.LOADING
+        elif errors:
+            state = ModelState.LOADING_FAILED
+        else:
+            state = ModelState.NOT_LOADED
+        return ModelStatus(state, errors, tuple(copies))
+
+    # ------------------------------------------------------------------ metrics
+
+    def used_bytes(self) -> int:
+        return sum(c.size_bytes for c in self._copies.values())
+
+    def loaded_count(self) -> int:
+        return sum(1 for c in self._copies.values() if c.state is CopyState.LOADED)
+
+    def _lru_ms(self) -> int:
+        return min((c.last_used_ms for c in self._copies.values()), default=self._clock.now_ms())
+
+    def _export_gauges(self) -> None:
+        # computed when scraped, so they are never stale and cost nothing per request
+        m = self._metrics
+        gauges: list[tuple[object, Callable[[], float]]] = [
+            (m.instance_capacity, lambda: self.capacity_bytes),
+            (m.instance_used, self.used_bytes),
+            (m.instance_used_bps, lambda: (10000 * self.used_bytes() // self.capacity_bytes)
+             if self.capacity_bytes else 0),
+            (m.instance_models, self.loaded_count),
+            (m.models_loaded, self.loaded_count),
+            (m.models_managed, lambda: len(self._registry)),
+            (m.models_with_failure, lambda: len(self._failures)),
+            (m.instance_lru, lambda: self._lru_ms() / 1000),
+            (m.instance_lru_age, lambda: (self._clock.now_ms() - self._lru_ms()) / 1000),
+        ]
+        for gauge, fn in gauges:
+            gauge.set_function(fn)  # type: ignore[attr-defined]
+
+
+def _with_copy(record: ModelRecord, instance_id: str, started_ms: int) -> ModelRecord:
+    record.copies[instance_id] = started_ms
+    record.failures.pop(instance_id, None)
+    return record
+
+
+def _without_copy(record: ModelRecord, instance_id: str) -> ModelRecord | None:
+    if instance_id not in record.copies:
+        return None
+    del record.copies[instance_id]
+    return record
+
+
+def _with_failure(record: ModelRecord, instance_id: str, failure: LoadFailure) -> ModelRecord:
+    record.copies.pop(instance_id, None)
+    record.failures[instance_id] = failure
+    return record
