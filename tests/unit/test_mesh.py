@@ -1,0 +1,251 @@
+"""The mesh core on a fake runtime, the real in-memory store and a fake clock."""
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from modelmesh.clock import FakeClock
+from modelmesh.errors import CapacityExhausted, InvalidRequest, ModelExists, ModelLoadFailed, ModelNotFound
+from modelmesh.kv.memory import MemoryStore
+from modelmesh.mesh import Mesh
+from modelmesh.metrics import MeshMetrics
+from modelmesh.registry import Registry
+from modelmesh.routing import RouteTarget
+from modelmesh.types import ModelInfo, ModelState
+from tests.fakes import FakeRuntime
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+EXPIRY_MS = 60_000
+
+
+@pytest.fixture
+async def parts():
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    registry = Registry(store, "mm/test")
+    await registry.start()
+    runtime = FakeRuntime(capacity=1000)
+    metrics = MeshMetrics(CollectorRegistry())
+    mesh = Mesh(instance_id="pod-a", registry=registry, runtime=runtime, metrics=metrics, clock=clock,
+                load_failure_expiry_ms=EXPIRY_MS)
+    mesh.start(await runtime.status())
+    yield mesh, runtime, clock, metrics
+    await mesh.close()
+    await registry.close()
+    await store.close()
+
+
+async def register(mesh, model_id, path=None, **kw):
+    return await mesh.register(model_id, ModelInfo("onnx", path or f"/m/{model_id}"), load_now=False, sync=False, **kw)
+
+
+async def infer(mesh, model_id, body=b"req"):
+    resolved = mesh.resolve(RouteTarget(model_id, "any"))
+    return await mesh.invoke(resolved, INFER, body, [("mm-model-id", resolved)], None)
+
+
+def sample(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels or None) or 0
+
+
+async def test_first_request_loads_then_hits(parts):
+    mesh, runtime, clock, metrics = parts
+    await register(mesh, "m1")
+    assert (await mesh.status("m1")).state is ModelState.NOT_LOADED
+    assert await infer(mesh, "m1") == b"req|m1"
+    assert await infer(mesh, "m1") == b"req|m1"
+    assert runtime.load_calls == ["m1"]
+    assert (await mesh.status("m1")).state is ModelState.LOADED
+    assert sample(metrics, "modelmesh_loadmodel_milliseconds_count") == 1
+    assert sample(metrics, "modelmesh_cache_miss_milliseconds_count") == 1
+    assert sample(metrics, "modelmesh_invoke_model_milliseconds_count", method="ModelInfer", code="OK") == 2
+
+
+async def test_concurrent_first_requests_share_one_load(parts):
+    mesh, runtime, clock, metrics = parts
+    await register(mesh, "hot")
+    runtime.gate = asyncio.Event()
+    tasks = [asyncio.create_task(infer(mesh, "hot", str(i).encode())) for i in range(20)]
+    await asyncio.sleep(0.01)
+    assert (await mesh.status("hot")).state is ModelState.LOADING
+    runtime.gate.set()
+    results = await asyncio.gather(*tasks)
+    assert results == [f"{i}|hot".encode() for i in range(20)]
+    assert runtime.load_calls == ["hot"]
+
+
+async def test_a_caller_giving_up_does_not_cancel_the_shared_load(parts):
+    mesh, runtime, clock, metrics = parts
+    await register(mesh, "m")
+    runtime.gate = asyncio.Event()
+    impatient = asyncio.create_task(infer(mesh, "m"))
+    patient = asyncio.create_task(infer(mesh, "m"))
+    await asyncio.sleep(0.01)
+    impatient.cancel()
+    runtime.gate.set()
+    assert await patient == b"req|m"
+    assert runtime.load_calls == ["m"]
+
+
+async def test_eviction_follows_recency_and_size(parts):
+    mesh, runtime, clock, metrics = parts
+    sizes = {"a": 300, "b": 300, "c": 300, "big": 600}
+    for mid, size in sizes.items():
+        runtime.sizes[f"/m/{mid}"] = size
+        runtime.predicted[f"/m/{mid}"] = size
+        await register(mesh, mid)
+    for mid in ("a", "b", "c"):
+        await infer(mesh, mid)
+        clock.advance(1)
+    await infer(mesh, "a")  # a is now the most recent; b is the least recent
+    clock.advance(1)
+    assert set(runtime.loaded) == {"a", "b", "c"}
+    await infer(mesh, "big")  # needs 600 of 1000: b then c go, a stays
+    assert runtime.unload_calls == ["b", "c"]
+    assert set(runtime.loaded) == {"a", "big"}
+    assert mesh.used_bytes() <= mesh.capacity_bytes
+    assert sample(metrics, "modelmesh_model_evicted_total") == 2
+    assert (await mesh.status("b")).state is ModelState.NOT_LOADED
+    assert runtime.max_loaded_bytes <= 1000
+
+
+async def test_model_larger_than_capacity_is_refused(parts):
+    mesh, runtime, clock, metrics = parts
+    runtime.predicted["/m/huge"] = 5000
+    await register(mesh, "huge")
+    with pytest.raises(CapacityExhausted, match="whole capacity"):
+        await infer(mesh, "huge")
+    assert runtime.load_calls == []
+
+
+async def test_prediction_too_low_is_corrected_after_load(parts):
+    mesh, runtime, clock, metrics = parts
+    for mid in ("a", "b"):
+        runtime.sizes[f"/m/{mid}"] = 450
+        await register(mesh, mid)
+        await infer(mesh, mid)
+        clock.advance(1)
+    runtime.sizes["/m/c"] = 450  # predicted at the default 100, really 450
+    await register(mesh, "c")
+    await infer(mesh, "c")
+    assert set(runtime.loaded) == {"b", "c"}
+    assert mesh.used_bytes() == 900
+
+
+async def test_failed_load_is_reported_and_not_retried_until_it_expires(parts):
+    mesh, runtime, clock, metrics = parts
+    runtime.failing["/m/bad"] = "model file is corrupt: protobuf parsing failed"
+    await register(mesh, "bad")
+    with pytest.raises(ModelLoadFailed, match="corrupt"):
+        await infer(mesh, "bad")
+    for _ in range(5):
+        with pytest.raises(ModelLoadFailed, match="corrupt"):
+            await infer(mesh, "bad")
+    assert runtime.load_calls == ["bad"]
+    status = await mesh.status("bad")
+    assert status.state is ModelState.LOADING_FAILED
+    assert any("corrupt" in e for e in status.errors)
+    assert sample(metrics, "modelmesh_loadmodel_failure_total") == 1
+    # fixed on disk; tried again once the failure expires
+    del runtime.failing["/m/bad"]
+    clock.advance(EXPIRY_MS / 1000 + 1)
+    assert await infer(mesh, "bad") == b"req|bad"
+    assert runtime.load_calls == ["bad", "bad"]
+    assert (await mesh.status("bad")).state is ModelState.LOADED
+
+
+async def test_unknown_model_is_not_found(parts):
+    mesh, *_ = parts
+    with pytest.raises(ModelNotFound, match="'nope'"):
+        await infer(mesh, "nope")
+    with pytest.raises(ModelNotFound):
+        mesh.resolve(RouteTarget("alias", "vmodel"))
+    assert (await mesh.status("nope")).state is ModelState.NOT_FOUND
+
+
+async def test_register_is_idempotent_but_refuses_different_info(parts):
+    mesh, *_ = parts
+    await register(mesh, "m", "/a")
+    await register(mesh, "m", "/a")
+    with pytest.raises(ModelExists, match="different info"):
+        await register(mesh, "m", "/b")
+    with pytest.raises(InvalidRequest):
+        await register(mesh, "")
+    with pytest.raises(InvalidRequest, match="type"):
+        await mesh.register("t", ModelInfo(""), load_now=False, sync=False)
+
+
+async def test_register_load_now_sync(parts):
+    mesh, runtime, *_ = parts
+    status = await mesh.register("m", ModelInfo("onnx", "/m/m"), load_now=True, sync=True)
+    assert status.state is ModelState.LOADED
+    assert status.copies[0].instance_id == "pod-a"
+
+
+async def test_ensure_loaded_async_then_loaded(parts):
+    mesh, runtime, *_ = parts
+    await register(mesh, "m")
+    runtime.gate = asyncio.Event()
+    assert (await mesh.ensure_loaded("m", sync=False)).state is ModelState.LOADING
+    runtime.gate.set()
+    for _ in range(100):
+        if (await mesh.status("m")).state is ModelState.LOADED:
+            break
+        await asyncio.sleep(0.001)
+    assert (await mesh.status("m")).state is ModelState.LOADED
+    with pytest.raises(ModelNotFound):
+        await mesh.ensure_loaded("ghost", sync=True)
+
+
+async def test_unregister_unloads_and_forgets(parts):
+    mesh, runtime, *_ = parts
+    await register(mesh, "m")
+    await infer(mesh, "m")
+    await mesh.unregister("m")
+    assert "m" not in runtime.loaded
+    assert (await mesh.status("m")).state is ModelState.NOT_FOUND
+    with pytest.raises(ModelNotFound):
+        await infer(mesh, "m")
+    await mesh.unregister("m")  # no-op
+
+
+async def test_unregister_during_load_leaves_nothing_loaded(parts):
+    mesh, runtime, *_ = parts
+    await register(mesh, "m")
+    runtime.gate = asyncio.Event()
+    waiting = asyncio.create_task(infer(mesh, "m"))
+    await asyncio.sleep(0.01)
+    await mesh.unregister("m")
+    runtime.gate.set()
+    with pytest.raises(ModelNotFound):
+        await waiting
+    await asyncio.sleep(0.01)
+    assert runtime.loaded == {}
+
+
+async def test_runtime_that_lost_a_model_gets_it_loaded_again(parts):
+    mesh, runtime, *_ = parts
+    await register(mesh, "m")
+    await infer(mesh, "m")
+    runtime.loaded.clear()  # the runtime restarted
+    assert await infer(mesh, "m") == b"req|m"
+    assert runtime.load_calls == ["m", "m"]
+
+
+async def test_gauges_follow_the_cache(parts):
+    mesh, runtime, clock, metrics = parts
+    await register(mesh, "m")
+    await infer(mesh, "m")
+    assert sample(metrics, "modelmesh_instance_capacity_bytes") == 1000
+    assert sample(metrics, "modelmesh_instance_used_bytes") == 100
+    assert sample(metrics, "modelmesh_models_loaded_total") == 1
+    assert sample(metrics, "modelmesh_models_managed_total") == 1
+
+
+async def test_model_record_lists_the_copy(parts):
+    mesh, runtime, *_ = parts
+    await register(mesh, "m")
+    await infer(mesh, "m")
+    record = mesh._registry.cached("m")
+    assert list(record.copies) == ["pod-a"]
