@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
@@ -31,6 +32,7 @@ from modelmesh.metrics import MeshMetrics
 from modelmesh.registry import Registry
 from modelmesh.runtime.grpc_client import GrpcRuntimeClient
 from modelmesh.settings import MeshSettings
+from modelmesh.types import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,8 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
 
             closers.append(stop_metrics)
 
+        if settings.demo_models:
+            await register_demo_models(mesh, settings)
         serving["ready"] = True
         for name in ("", management.SERVICE, dataplane.SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -224,6 +228,15 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         raise
     log.info("modelmesh pod %s serving on %s:%d", settings.instance_id, settings.host, port)
     return MeshPod(settings, port, mesh, metrics_registry, metrics_port, closers)
+
+
+async def register_demo_models(mesh: Mesh, settings: MeshSettings) -> None:
+    from modelmesh.demo import write_demo_models
+
+    paths = await asyncio.to_thread(write_demo_models, Path(settings.demo_dir), settings.demo_models)
+    for path in paths:
+        await mesh.register(path.stem, ModelInfo("onnx", str(path.resolve())), load_now=False, sync=False)
+    log.info("registered %d demo models from %s", len(paths), settings.demo_dir)
 
 
 def run_mesh(settings: MeshSettings) -> int:

@@ -30,6 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
         kv_store=args.etcd and f"etcd:{args.etcd}",
         instance_id=args.instance_id,
         log_level=args.log_level,
+        demo_models=args.demo_models,
+        demo_dir=args.demo_dir,
     )
     return run_mesh(settings)
 
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--etcd", metavar="URL", help="etcd endpoint for cluster mode (KV_STORE=etcd:URL)")
     serve.add_argument("--instance-id", help="this pod's id (MM_INSTANCE_ID)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (MM_LOG_LEVEL)")
+    serve.add_argument("--demo-models", type=int, metavar="N",
+                       help="try-it mode: write N demo ONNX models and register them at start")
+    serve.add_argument("--demo-dir", help="where --demo-models writes them (default ./modelmesh-demo-models)")
     serve.set_defaults(func=_serve)
 
     runtime = sub.add_parser("runtime", help="run the built-in ONNX runtime alone")

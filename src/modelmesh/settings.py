@@ -68,6 +68,9 @@ class MeshSettings:
     runtime_startup_timeout_s: float = 60.0
     # log level name (MM_LOG_LEVEL)
     log_level: str = "INFO"
+    # try-it mode: write this many demo ONNX models to demo_dir and register them at start
+    demo_models: int = 0
+    demo_dir: str = "modelmesh-demo-models"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> MeshSettings:

@@ -1,0 +1,1 @@
+"""Benchmarks and load tools; never collected by pytest (see pyproject's testpaths)."""

@@ -1,0 +1,160 @@
+"""B1, the local hop: the same request to the same model, sent to the runtime directly and through a
+mesh pod in front of that runtime, in one run, at several concurrencies.
+
+    python -m loadtest.bench_hop [--duration 10] [--concurrency 1 16] [--rounds 2] [--json out.json]
+
+It starts `modelmesh runtime` and `modelmesh serve --runtime-endpoint` on free loopback ports,
+registers one demo model through the pod and loads it, then alternates direct and mesh rounds so
+drift on the machine hits both alike. The client sends a pre-serialized ModelInferRequest with raw
+gRPC (no tritonclient conversion work in the loop), so the figures show the servers, not the client.
+Prints throughput ratio (mesh / direct) and the p50 / p99 latency the hop adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from modelmesh.demo import demo_model_id, write_demo_models
+from modelmesh.proto import grpc_predict_v2_pb2 as pb
+from modelmesh.proto import model_mesh_pb2 as mpb
+from modelmesh.proto import model_mesh_pb2_grpc as mgrpc
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass
+class RoundResult:
+    target: str
+    concurrency: int
+    requests: int
+    seconds: float
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = re.search(pattern, line)
+        if m:
+            return proc, m
+    raise RuntimeError(f"{cmd[3]} exited with {proc.wait()}")
+
+
+def infer_request(model_id: str, features: int) -> bytes:
+    x = np.random.default_rng(0).standard_normal((1, features)).astype(np.float32)
+    req = pb.ModelInferRequest(model_name=model_id)
+    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    return req.SerializeToString()
+
+
+async def run_round(target: str, address: str, body: bytes, concurrency: int, duration: float) -> RoundResult:
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(INFER)
+        for _ in range(50):  # warm the channel and both servers
+            await call(body)
+        stop_at = time.perf_counter() + duration
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    await call(body, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return RoundResult(target, concurrency, len(latencies), elapsed, len(latencies) / elapsed,
+                       q[49] * 1000, q[98] * 1000, errors)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per round")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="alternating direct/mesh rounds per concurrency")
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    py = sys.executable
+    tmp = Path(tempfile.mkdtemp(prefix="bench-hop-"))
+    path = write_demo_models(tmp, 1, args.features)[0]
+    model_id = demo_model_id(0)
+    runtime, m = start([py, "-m", "modelmesh.cli", "runtime", "--grpc-port", "0", "--capacity", str(1 << 30)],
+                       r"listening on (\S+)")
+    runtime_addr = m.group(1)
+    pod = None
+    try:
+        pod, m = start([py, "-m", "modelmesh.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+                        "--metrics-port", "0", "--runtime-endpoint", runtime_addr],
+                       r"serving on \S+:(\d+)")
+        pod_addr = f"127.0.0.1:{m.group(1)}"
+        with grpc.insecure_channel(pod_addr) as ch:
+            mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
+                modelId=model_id, loadNow=True, sync=True, modelInfo=mpb.ModelInfo(type="onnx", path=str(path))))
+        body = infer_request(model_id, args.features)
+        results: list[RoundResult] = []
+        for c in args.concurrency:
+            for _ in range(args.rounds):
+                for target, address in (("direct", runtime_addr), ("mesh", pod_addr)):
+                    r = asyncio.run(run_round(target, address, body, c, args.duration))
+                    results.append(r)
+                    print(f"  {target:6} c={c:<3} {r.throughput:8.0f} req/s  p50 {r.p50_ms:6.3f} ms  "
+                          f"p99 {r.p99_ms:6.3f} ms  errors {r.errors}", flush=True)
+    finally:
+        for proc in (pod, runtime):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=20)
+
+    print(f"\nB1 local hop — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, {args.duration:.0f} s x {args.rounds} rounds each")
+    print(f"{'conc':>4} {'direct req/s':>13} {'mesh req/s':>11} {'ratio':>6} {'direct p50':>11} "
+          f"{'added p50':>10} {'direct p99':>11} {'added p99':>10}")
+    summary = []
+    for c in args.concurrency:
+        d = [r for r in results if r.concurrency == c and r.target == "direct"]
+        h = [r for r in results if r.concurrency == c and r.target == "mesh"]
+        dt, ht = statistics.mean(r.throughput for r in d), statistics.mean(r.throughput for r in h)
+        d50, h50 = statistics.median(r.p50_ms for r in d), statistics.median(r.p50_ms for r in h)
+        d99, h99 = statistics.median(r.p99_ms for r in d), statistics.median(r.p99_ms for r in h)
+        row = {"concurrency": c, "direct_rps": dt, "mesh_rps": ht, "ratio": ht / dt,
+               "direct_p50_ms": d50, "added_p50_ms": h50 - d50, "direct_p99_ms": d99, "added_p99_ms": h99 - d99}
+        summary.append(row)
+        print(f"{c:>4} {dt:>13.0f} {ht:>11.0f} {ht / dt:>6.2f} {d50:>9.3f}ms {h50 - d50:>8.3f}ms "
+              f"{d99:>9.3f}ms {h99 - d99:>8.3f}ms")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": [asdict(r) for r in results], "summary": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
