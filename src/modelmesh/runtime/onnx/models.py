@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from modelmesh.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, UpstreamError
 from modelmesh.runtime.onnx.scan import OnnxLayout, scan_onnx
-from modelmesh.runtime.onnx.tensors import datatype_of, format_shape
+from modelmesh.runtime.onnx.tensors import datatype_of, format_shape, numpy_dtype
 from modelmesh.settings import RuntimeSettings
 
 __all__ = [
@@ -56,6 +58,13 @@ PREDICT_NODE_BYTES = 8 * KIB
 PREDICT_FIXED_BYTES = 128 * KIB
 # keeps a prediction from garbage files inside the uint64 of the reply
 _PREDICT_CAP = 1 << 62
+
+# A hop to the inference pool and back costs ~200 us on a 2-vCPU VM (measured, docs/runtime.md),
+# while a tiny model runs in ~7 us: a call predicted to run within this budget runs on the event loop,
+# which it then blocks for less time than the hop would have cost.
+INLINE_BUDGET_S = 100e-6
+# weight of the newest run in a model's smoothed cost per input byte
+_RUN_COST_ALPHA = 0.2
 
 _ONNX_TO_V2 = {
     "tensor(bool)": "BOOL",
@@ -101,6 +110,30 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, _ONNX_TO_V2.get(arg.type, ""), shape, arg.type)
 
 
+class RunCost:
+    """How long a model's runs take per input byte, smoothed over recent runs.
+
+    Linear in the input size: for the small requests tiny models get, a fixed per-run cost makes
+    this overestimate larger requests, which errs towards the thread pool. Unknown (infinite) until
+    a first run is timed.
+    """
+
+    __slots__ = ("seconds_per_byte",)
+
+    def __init__(self) -> None:
+        self.seconds_per_byte = math.inf
+
+    def predict(self, input_bytes: int) -> float:
+        return self.seconds_per_byte * max(input_bytes, 1)
+
+    def observe(self, seconds: float, input_bytes: int) -> None:
+        sample = seconds / max(input_bytes, 1)
+        if math.isinf(self.seconds_per_byte):
+            self.seconds_per_byte = sample
+        else:
+            self.seconds_per_byte += _RUN_COST_ALPHA * (sample - self.seconds_per_byte)
+
+
 @dataclass(slots=True)
 class LoadedModel:
     """A model ready to serve."""
@@ -111,9 +144,18 @@ class LoadedModel:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     size_bytes: int
+    run_cost: RunCost = field(default_factory=RunCost)
 
     def output(self, name: str) -> TensorSpec | None:
         return next((o for o in self.outputs if o.name == name), None)
+
+
+def _timed_run(
+    session: ort.InferenceSession, names: Sequence[str], feed: Mapping[str, np.ndarray]
+) -> tuple[list[np.ndarray], float]:
+    started = time.perf_counter()
+    results = session.run(names, feed)
+    return results, time.perf_counter() - started
 
 
 class NativeMemoryMeter:
@@ -284,15 +326,8 @@ def _warm_up_feed(inputs: Sequence[TensorSpec]) -> dict[str, np.ndarray] | None:
         elif spec.datatype in ("", "BF16"):
             return None
         else:
-            feed[spec.name] = np.zeros(shape, dtype=_NUMPY_OF[spec.datatype])
+            feed[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
     return feed
-
-
-_NUMPY_OF = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-}
 
 
 # onnxruntime's exception classes share no base class beyond Exception
@@ -478,7 +513,8 @@ class ModelTable:
                 ) from err
             inputs = tuple(_spec(i) for i in session.get_inputs())
             outputs = tuple(_spec(o) for o in session.get_outputs())
-            self._warm_up(model_id, session, inputs)
+            feed = _warm_up_feed(inputs)
+            warmed_up = self._warm_up(model_id, session, feed)
             measured = self._meter.in_use() - before
         for spec in inputs:
             if spec.datatype in ("", "BF16"):
@@ -486,18 +522,27 @@ class ModelTable:
                     f"model '{model_id}' input '{spec.name}' has type {spec.onnx_type}, which "
                     "this runtime cannot feed (BF16, sequences and maps are not supported)"
                 )
-        return LoadedModel(model_id, model_file, session, inputs, outputs, max(measured, weights))
+        model = LoadedModel(model_id, model_file, session, inputs, outputs, max(measured, weights))
+        if warmed_up and feed is not None:
+            # the first run pays one-off allocations; the second is what requests will see
+            _, seconds = _timed_run(session, [o.name for o in outputs], feed)
+            model.run_cost.observe(seconds, sum(a.nbytes for a in feed.values()))
+        return model
 
-    def _warm_up(self, model_id: str, session: ort.InferenceSession, inputs: Sequence[TensorSpec]) -> None:
+    @staticmethod
+    def _warm_up(
+        model_id: str, session: ort.InferenceSession, feed: Mapping[str, np.ndarray] | None
+    ) -> bool:
         # the first run allocates kernel state that stays with the session; zeros with variable
         # dimensions at 1 are a guess, so a model that rejects them still loads
-        feed = _warm_up_feed(inputs)
         if feed is None:
-            return
+            return False
         try:
             session.run(None, feed)
         except Exception as err:  # noqa: BLE001 - any failure only skips the warm-up
             log.debug("model %s: warm-up run failed, size excludes it: %s", model_id, err)
+            return False
+        return True
 
     async def infer(
         self, model: LoadedModel, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
@@ -506,14 +551,20 @@ class ModelTable:
         feed = self._feed(model, inputs)
         specs = self._requested_outputs(model, output_names)
         names = [s.name for s in specs]
-        loop = asyncio.get_running_loop()
+        input_bytes = sum(a.nbytes for a in feed.values())
+        run = functools.partial(_timed_run, model.session, names, feed)
         try:
-            results = await loop.run_in_executor(self._infer_pool, model.session.run, names, feed)
+            if model.run_cost.predict(input_bytes) <= INLINE_BUDGET_S:
+                results, seconds = run()
+            else:
+                loop = asyncio.get_running_loop()
+                results, seconds = await loop.run_in_executor(self._infer_pool, run)
         except ort_state.InvalidArgument as err:
             raise InvalidRequest(f"model '{model.model_id}': {err}") from err
         except _ORT_RUN_ERRORS as err:
             # onnxruntime is this runtime's upstream; its reason is more use than a generic one
             raise UpstreamError("INTERNAL", f"model '{model.model_id}' failed: {err}") from err
+        model.run_cost.observe(seconds, input_bytes)
         return list(zip(names, results, strict=True))
 
     @staticmethod

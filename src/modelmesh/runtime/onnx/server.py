@@ -37,6 +37,7 @@ PLATFORM = "onnxruntime_onnx"
 MODEL_ID_HEADER = "mm-model-id"
 STOP_GRACE_S = 5.0
 
+
 class _StatusMapping(grpc.aio.ServerInterceptor):
     """Wraps every handler in ``api/status.py``'s guards, the one table from errors to status
     codes, so no servicer maps errors itself and none can forget to."""
@@ -253,6 +254,8 @@ async def start_runtime(settings: RuntimeSettings) -> RuntimeServer:
         options=[
             ("grpc.max_receive_message_length", settings.max_msg_size),
             ("grpc.max_send_message_length", settings.max_msg_size),
+            # a second runtime on the same port must fail to start, not share it
+            ("grpc.so_reuseport", 0),
         ],
     )
     model_runtime_pb2_grpc.add_ModelRuntimeServicer_to_server(
@@ -290,17 +293,16 @@ async def _serve(settings: RuntimeSettings) -> None:
 
 
 def run_runtime(settings: RuntimeSettings) -> int:
-    """Run the runtime until SIGTERM or SIGINT, then stop gracefully and return 0."""
+    """Run the runtime until SIGTERM or SIGINT, then stop gracefully and return 0 (1 when it
+    cannot listen)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(_serve(settings))
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as err:  # the port or socket cannot be bound
+        log.error("%s", err)
+        return 1
     return 0
-
-
-if __name__ == "__main__":
-    import os
-
-    sys.exit(run_runtime(RuntimeSettings.from_env(os.environ)))
