@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from modelmesh.demo import demo_model_id, write_demo_models
+from modelmesh.demo import demo_model_id, demo_weights, write_demo_models
 from modelmesh.errors import ModelLoadFailed, ModelNotFound
-from modelmesh.runtime.onnx.models import ModelTable
+from modelmesh.runtime.onnx.models import INLINE_BUDGET_S, ModelTable
 from modelmesh.settings import RuntimeSettings
 
 
@@ -68,3 +69,20 @@ async def test_unload_returns_the_memory(table: ModelTable, models: list[Path]) 
     await table.unload("m")
     # what stays behind is small beside the model (onnxruntime keeps a few caches)
     assert table.meter.in_use() - before < size / 4
+
+
+async def test_small_runs_inline_and_large_ones_in_the_pool_agree_with_numpy(
+    table: ModelTable, models: list[Path]
+) -> None:
+    await table.load("m", "onnx", str(models[0]))
+    model = table.get("m")
+    w, b = demo_weights(0, 256)
+    small = np.ones((1, 256), np.float32)
+    large = np.random.default_rng(0).standard_normal((2000, 256)).astype(np.float32)
+    # the warm-up timed a batch of one (~20 us, so the small batch runs inline unless the machine
+    # stalled that run); the large batch is predicted far over the budget and goes to the pool
+    assert model.run_cost.predict(large.nbytes) > INLINE_BUDGET_S
+    for x in (small, large):
+        ((name, y),) = await table.infer(model, {"x": x}, [])
+        assert name == "y"
+        np.testing.assert_allclose(y, x @ w + b, rtol=1e-4, atol=1e-4)
