@@ -120,6 +120,11 @@ def decode_bytes_elements(raw: bytes, count: int, *, label: str = "") -> np.ndar
 
     InvalidRequest when the buffer ends inside an element or holds more than ``count`` elements.
     """
+    if count * _LENGTH.size > len(raw):
+        # checked before allocating: a huge shape must not allocate a huge array
+        raise InvalidRequest(
+            _where(label, f"BYTES raw contents of {len(raw)} bytes cannot hold {count} elements")
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     offset = 0
@@ -143,6 +148,13 @@ def decode_bytes_elements(raw: bytes, count: int, *, label: str = "") -> np.ndar
                    f"{count} elements of the shape")
         )
     return out
+
+
+def _dtype_at(datatype: str, where: str) -> np.dtype:
+    try:
+        return numpy_dtype(datatype)
+    except InvalidRequest as err:
+        raise InvalidRequest(f"{where} {err.message}") from None
 
 
 def decode_input(
@@ -182,13 +194,6 @@ def decode_input(
         return np.array(values, dtype=dtype).reshape(shape)
     except OverflowError:
         raise InvalidRequest(f"{where} a value is out of range for {tensor.datatype}") from None
-
-
-def _dtype_at(datatype: str, where: str) -> np.dtype:
-    try:
-        return numpy_dtype(datatype)
-    except InvalidRequest as err:
-        raise InvalidRequest(f"{where} {err.message}") from None
 
 
 def decode_inputs(
