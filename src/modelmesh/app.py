@@ -201,7 +201,7 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         closers.append(lambda g: server.stop(g))
 
         metrics_port = 0
-        if settings.metrics_port:
+        if settings.metrics_port >= 0:
             httpd, thread = start_http_server(settings.metrics_port, settings.host, registry=metrics_registry)
             metrics_port = httpd.server_port
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a mesh pod")
     serve.add_argument("--host", help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, help="external gRPC port (MM_SVC_GRPC_PORT, default 8033)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus port, 0 to disable (MM_METRICS_PORT, default 2112)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port; 0 any free port, -1 disables (MM_METRICS_PORT, default 2112)")
     serve.add_argument("--capacity", type=int, metavar="BYTES",
                        help="memory for models, passed to the built-in runtime (MM_RUNTIME_CAPACITY_BYTES)")
     serve.add_argument("--runtime-endpoint", metavar="HOST:PORT",

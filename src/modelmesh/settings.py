@@ -41,7 +41,7 @@ class MeshSettings:
     grpc_port: int = 8033
     # largest gRPC message accepted and forwarded, both directions (MM_SVC_GRPC_MAX_MSG_SIZE)
     max_msg_size: int = 16 * MIB
-    # Prometheus metrics port, 0 to disable (MM_METRICS_PORT)
+    # Prometheus metrics port; 0 picks a free one, negative disables (MM_METRICS_PORT)
     metrics_port: int = 2112
     # runtime to use: "host:port" or "unix:/path"; None starts the built-in runtime as a child
     # (INTERNAL_GRPC_PORT gives a loopback port, INTERNAL_GRPC_SOCKET_PATH a Unix socket)
