@@ -40,30 +40,40 @@ STOP_GRACE_S = 5.0
 
 class _StatusMapping(grpc.aio.ServerInterceptor):
     """Wraps every handler in ``api/status.py``'s guards, the one table from errors to status
-    codes, so no servicer maps errors itself and none can forget to."""
+    codes, so no servicer maps errors itself and none can forget to. Wrapped handlers are built
+    once per method and reused: this runs on every request."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
+            wrapped = grpc.unary_unary_rpc_method_handler(
                 guard_unary(handler.unary_unary, method),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
+        elif handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
                 guard_stream(handler.stream_stream, method),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
-        return handler
+        else:
+            return handler
+        self._wrapped[method] = wrapped
+        return wrapped
 
 
 class ModelRuntimeServicer(model_runtime_pb2_grpc.ModelRuntimeServicer):
