@@ -1,0 +1,64 @@
+"""The operator commands against a real pod, as an operator types them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.procs import start_pod
+
+pytestmark = pytest.mark.slow
+
+
+def modelmesh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "modelmesh.cli", *args], capture_output=True, text=True,
+                            timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr + result.stdout
+    return result
+
+
+def test_demo_models_bulk_register_list_status_unregister(tmp_path):
+    models = tmp_path / "models"
+    out = modelmesh("demo-models", "--count", "300", str(models)).stdout
+    assert "wrote 300 demo models" in out
+    (models / "broken.onnx").write_bytes(b"not a model")
+    pod = start_pod(tmp_path, "--capacity", str(50_000_000))
+    try:
+        ep = ["--endpoint", pod.address]
+        bulk = modelmesh("models", "register-bulk", str(models), *ep)
+        assert "301 registered" in bulk.stdout + bulk.stderr
+
+        listed = modelmesh("models", "list", "--json", *ep).stdout.splitlines()
+        states = {json.loads(line)["id"]: json.loads(line)["state"] for line in listed}
+        assert len(states) == 301 and set(states.values()) == {"NOT_LOADED"}
+
+        loaded = modelmesh("models", "load", "demo-0042", "--sync", *ep)
+        assert "LOADED" in loaded.stdout
+        status = modelmesh("models", "status", "demo-0042", *ep).stdout
+        assert "LOADED" in status
+
+        failed = modelmesh("models", "load", "broken", "--sync", *ep, check=False)
+        assert failed.returncode == 1
+        assert "LOADING_FAILED" in failed.stdout + failed.stderr
+        assert "broken" in modelmesh("models", "status", "broken", *ep, check=False).stdout
+
+        modelmesh("models", "unregister", "demo-0042", *ep)
+        gone = modelmesh("models", "status", "demo-0042", *ep, check=False)
+        assert gone.returncode == 1 and "NOT_FOUND" in gone.stdout + gone.stderr
+
+        again = modelmesh("models", "register", "demo-0001", "--type", "onnx", "--path",
+                          str(models / "demo-0002.onnx"), *ep, check=False)
+        assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr
+    finally:
+        assert pod.stop() == 0, pod.log()
+
+
+def test_unreachable_pod_is_a_clear_error():
+    result = modelmesh("models", "list", "--endpoint", "unix:/nonexistent/modelmesh.sock", "--timeout", "2",
+                       check=False)
+    assert result.returncode == 1
+    assert "unix:/nonexistent/modelmesh.sock" in result.stderr
