@@ -102,14 +102,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/mesh rounds per concurrency")
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--uds", action="store_true",
+                        help="the runtime listens on a Unix socket (the pod and the direct client use it)")
     args = parser.parse_args()
 
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="bench-hop-"))
     path = write_demo_models(tmp, 1, args.features)[0]
     model_id = demo_model_id(0)
-    runtime, m = start([py, "-m", "modelmesh.cli", "runtime", "--grpc-port", "0", "--capacity", str(1 << 30)],
-                       r"listening on (\S+)")
+    runtime_cmd = [py, "-m", "modelmesh.cli", "runtime", "--grpc-port", "0", "--capacity", str(1 << 30)]
+    if args.uds:
+        runtime_cmd += ["--socket-path", str(tmp / "runtime.sock")]
+    runtime, m = start(runtime_cmd, r"listening on (\S+)")
     runtime_addr = m.group(1)
     pod = None
     try:

@@ -254,6 +254,8 @@ def run_mesh(settings: MeshSettings) -> int:
             log.error("cannot start: %s", err)
             return 1
         print(f"modelmesh serving on {settings.host}:{pod.port} (metrics on :{pod.metrics_port})", flush=True)
+        if settings.demo_models:
+            print(f"try it: python examples/infer.py demo-0007 --url localhost:{pod.port}", flush=True)
         await stop.wait()
         log.info("shutting down")
         await pod.stop()
