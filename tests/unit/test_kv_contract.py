@@ -1,18 +1,24 @@
 """The KVStore contract (``kv/base.py``): every store implementation passes the same tests.
 
 Each store is built by a factory in ``STORE_FACTORIES``; the ``store_ctx`` fixture runs every
-contract test once per factory. To add a store (etcd), add a factory that yields an empty store in
+contract test once per factory. To add a store, add a factory that yields an empty store in
 a ``StoreCtx`` whose ``let_time_pass`` sleeps for real and whose ``compact`` calls the store's
 compaction, and that cleans up after itself. Tests assert only relative revisions, since a shared
 server does not start at revision 0. Tests of one implementation's extras sit at the end.
+
+The etcd factory runs the suite against a real etcd, one per module (``etcd_server``); each test
+sees its own key prefix of it, with lease time running faster (``tests/etcd_server.py``'s
+``EtcdTestView``). The etcd store's own tests (restarts, outages, real lease expiry) are in
+``tests/integration/test_kv_etcd.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -28,7 +34,9 @@ from modelmesh.kv.base import (
     LeaseExpired,
     WatchEvent,
 )
+from modelmesh.kv.etcd import EtcdStore
 from modelmesh.kv.memory import MemoryStore
+from tests.etcd_server import EtcdServer, EtcdTestView
 
 TIMEOUT_S = 2.0  # bound on any single wait, so a broken watch fails fast instead of hanging
 
@@ -43,7 +51,7 @@ class StoreCtx:
 
 
 @contextlib.asynccontextmanager
-async def make_memory_store() -> AsyncIterator[StoreCtx]:
+async def make_memory_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreCtx]:
     clock = FakeClock()
     store = MemoryStore(clock)
 
@@ -60,8 +68,54 @@ async def make_memory_store() -> AsyncIterator[StoreCtx]:
         await store.close()
 
 
-STORE_FACTORIES: dict[str, Callable[[], AbstractAsyncContextManager[StoreCtx]]] = {
+# ---- etcd ----------------------------------------------------------------------------------
+
+_etcd_prefixes: Iterator[int] = itertools.count()
+
+
+@contextlib.asynccontextmanager
+async def make_etcd_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreCtx]:
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    store = EtcdStore(server.endpoint, timeout_s=5.0)
+    view = EtcdTestView(store, prefix=f"contract-{next(_etcd_prefixes)}/")
+    try:
+        yield StoreCtx(view, view.let_time_pass, store.compact)
+    finally:
+        if leftover := view.leases_left():
+            cleanup = EtcdStore(server.endpoint)  # the test may have closed its own store
+            try:
+                for lease in leftover:
+                    await cleanup.revoke_lease(lease)
+            finally:
+                await cleanup.close()
+        await store.close()
+        await grpc_calls_finished()
+
+
+async def grpc_calls_finished() -> None:
+    """Wait for gRPC's own bookkeeping of cancelled calls (a task per call, done a few loop
+    turns after the cancel), so ``assert_no_tasks_left`` sees only tasks of ours."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while any(
+            task.get_coro().__qualname__.startswith("_AioCall.")  # type: ignore[union-attr]
+            for task in asyncio.all_tasks()
+            if not task.done()
+        ):
+            await asyncio.sleep(0)
+
+
+@pytest.fixture(scope="module")
+def etcd_server() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        yield server
+
+
+# A factory gets the test's fixture request: the etcd one asks it for the module's etcd server.
+STORE_FACTORIES: dict[
+    str, Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[StoreCtx]]
+] = {
     "memory": make_memory_store,
+    "etcd": make_etcd_store,
 }
 
 
@@ -72,7 +126,7 @@ def assert_no_tasks_left() -> None:
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 async def store_ctx(request: pytest.FixtureRequest) -> AsyncIterator[StoreCtx]:
-    async with STORE_FACTORIES[request.param]() as ctx:
+    async with STORE_FACTORIES[request.param](request) as ctx:
         yield ctx
     assert_no_tasks_left()
 
