@@ -370,8 +370,8 @@ def choose_load_target(
     """Choose the pod to load ``model`` on, or none, with the reason.
 
     Pass ``project_pending(view, pending)`` as ``view`` so loads this pod sent recently count.
-    The steps (exclude, order, shortlist, load filter, seeded pick) are described in the module
-    docstring; each is a public function of this module that can be tried alone.
+    The steps (exclude, order, shortlist, load filter, fewest pending loads, seeded pick) are
+    described in the module docstring; order, shortlist and load filter can be tried alone.
     """
     constraint = view.constraints.for_type(model.model_type)
     needed = model.predicted_size_bytes if model.predicted_size_bytes > 0 else view.default_model_size_bytes
