@@ -35,6 +35,13 @@ class PodProcess:
                 out[key] = float(value)
         return out
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no lease revoke; its built-in runtime child dies with it."""
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -51,11 +58,12 @@ class PodProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_pod(tmp_path: Path, *args: str, timeout_s: float = 60) -> PodProcess:
+def start_pod(tmp_path: Path, *args: str, timeout_s: float = 60, env: dict[str, str] | None = None) -> PodProcess:
     """``modelmesh serve`` on free loopback ports; returns once it prints that it serves."""
     log_path = tmp_path / f"pod-{time.monotonic_ns()}.log"
     log_file = open(log_path, "w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MM_", "KV_STORE", "INTERNAL_GRPC"))}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MM_", "KV_STORE", "INTERNAL_GRPC"))}
+    env = {**base, **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelmesh.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
          "--metrics-port", "0", *args],

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -24,13 +25,15 @@ from prometheus_client import CollectorRegistry, start_http_server
 from modelmesh.api import dataplane, management
 from modelmesh.api.server import build_server
 from modelmesh.clock import Clock, SystemClock
-from modelmesh.errors import RuntimeUnavailable
+from modelmesh.cluster import Cluster
+from modelmesh.errors import MeshError, RuntimeUnavailable
 from modelmesh.kv.base import KVStore
 from modelmesh.kv.memory import MemoryStore
 from modelmesh.mesh import Mesh
 from modelmesh.metrics import MeshMetrics
+from modelmesh.placement.load import parse_type_constraints
 from modelmesh.registry import Registry
-from modelmesh.runtime.grpc_client import GrpcRuntimeClient
+from modelmesh.runtime.grpc_client import GrpcRuntimeClient, PeerClient
 from modelmesh.settings import MeshSettings
 from modelmesh.types import ModelInfo
 
@@ -50,9 +53,18 @@ def configure_logging(level: str) -> None:
 def open_store(settings: MeshSettings, clock: Clock) -> KVStore:
     if settings.kv_store == "memory":
         return MemoryStore(clock)
-    raise ValueError(
-        f"KV_STORE={settings.kv_store!r} is not supported yet; use 'memory' (single node)"
-    )
+    if settings.kv_store.startswith("etcd:"):
+        from modelmesh.kv.etcd import EtcdStore
+
+        return EtcdStore(settings.kv_store.removeprefix("etcd:"))
+    raise ValueError(f"KV_STORE={settings.kv_store!r}: expected 'memory' or 'etcd:http://host:port'")
+
+
+def advertised_endpoint(settings: MeshSettings, port: int) -> str:
+    host = settings.advertise_host
+    if not host:
+        host = settings.host if settings.host not in ("0.0.0.0", "::", "[::]", "") else socket.gethostname()
+    return f"{host}:{port}"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -182,6 +194,8 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         mesh = Mesh(
             instance_id=settings.instance_id, registry=registry, runtime=runtime, metrics=metrics,
             clock=clock, load_failure_expiry_ms=settings.load_failure_expiry_ms,
+            peer_factory=lambda endpoint: PeerClient(endpoint, settings.max_msg_size),
+            constraints=parse_type_constraints(settings.type_constraints),
         )
         mesh.start(status)
         closers.append(lambda _g: mesh.close())
@@ -199,6 +213,19 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
             raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
         await server.start()
         closers.append(lambda g: server.stop(g))
+
+        endpoint = advertised_endpoint(settings, port)
+        start_ms = clock.now_ms()
+        cluster = Cluster(
+            store, settings.key_root, settings.instance_id, clock=clock,
+            lease_ttl_s=settings.instance_lease_ttl_s,
+            figures=lambda: mesh.instance_figures(endpoint, settings.labels, settings.zone, start_ms),
+        )
+        await cluster.start()
+        mesh.attach(cluster)
+        closers.append(lambda _g: cluster.close())
+        if cluster.is_leader():
+            await mesh.sweep_dead_copies()
 
         metrics_port = 0
         if settings.metrics_port >= 0:
@@ -220,6 +247,7 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
 
         async def not_serving(_g: float) -> None:
             serving["ready"] = False
+            await cluster.mark_shutting_down()
             await health_servicer.enter_graceful_shutdown()
 
         closers.append(not_serving)
@@ -250,7 +278,7 @@ def run_mesh(settings: MeshSettings) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             pod = await start_pod(settings)
-        except (RuntimeUnavailable, OSError, ValueError) as err:
+        except (MeshError, OSError, ValueError) as err:
             log.error("cannot start: %s", err)
             return 1
         print(f"modelmesh serving on {settings.host}:{pod.port} (metrics on :{pod.metrics_port})", flush=True)

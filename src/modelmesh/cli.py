@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         demo_models=args.demo_models,
         demo_dir=args.demo_dir,
+        advertise_host=args.advertise_address,
     )
     return run_mesh(settings)
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(INTERNAL_GRPC_PORT / INTERNAL_GRPC_SOCKET_PATH)")
     serve.add_argument("--etcd", metavar="URL", help="etcd endpoint for cluster mode (KV_STORE=etcd:URL)")
     serve.add_argument("--instance-id", help="this pod's id (MM_INSTANCE_ID)")
+    serve.add_argument("--advertise-address", metavar="HOST",
+                       help="host other pods use to reach this one (MM_ADVERTISE_ADDRESS)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (MM_LOG_LEVEL)")
     serve.add_argument("--demo-models", type=int, metavar="N",
                        help="try-it mode: write N demo ONNX models and register them at start")

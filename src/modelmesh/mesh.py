@@ -17,12 +17,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cachetools import TTLCache
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from modelmesh import __version__
 from modelmesh.clock import Clock
+from modelmesh.cluster import Cluster
 from modelmesh.errors import (
     CapacityExhausted,
     InvalidRequest,
@@ -31,15 +35,27 @@ from modelmesh.errors import (
     ModelLoadFailed,
     ModelNotFound,
     RuntimeUnavailable,
+    Unavailable,
     UpstreamError,
 )
 from modelmesh.metrics import MeshMetrics
 from modelmesh.placement.eviction import CachedModel, choose_evictions
+from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
+from modelmesh.placement.view import (
+    ClusterView,
+    CopyView,
+    InstanceView,
+    ModelView,
+    PendingLoad,
+    TypeConstraints,
+)
+from modelmesh.rates import RateMeter
 from modelmesh.registry import Registry
-from modelmesh.routing import RouteTarget
-from modelmesh.runtime.base import Metadata, ModelRuntimeClient
+from modelmesh.routing import HOP_HEADER, RouteTarget, forwarded_metadata
+from modelmesh.runtime.base import Forwarder, Metadata, ModelRuntimeClient
 from modelmesh.types import (
     CopyStatus,
+    InstanceRecord,
     LoadFailure,
     ModelInfo,
     ModelRecord,
@@ -51,6 +67,12 @@ from modelmesh.types import (
 log = logging.getLogger(__name__)
 
 MAX_MODEL_ID_LENGTH = 512
+# pods tried for one request before giving up (a copy or placement, then others after failures)
+MAX_ROUTE_ATTEMPTS = 3
+# a load sent to another pod counts against it in placement until it republishes, or this long
+PENDING_TTL_MS = 30_000
+# gRPC codes from a peer that mean "try another pod": unreachable, its load failed, no room there
+_RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
 
 
 class CopyState(enum.Enum):
@@ -90,6 +112,9 @@ class Mesh:
         metrics: MeshMetrics,
         clock: Clock,
         load_failure_expiry_ms: int,
+        peer_factory: Callable[[str], Forwarder] | None = None,
+        constraints: TypeConstraints | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.instance_id = instance_id
         self._registry = registry
@@ -97,6 +122,17 @@ class Mesh:
         self._metrics = metrics
         self._clock = clock
         self._failure_expiry_ms = load_failure_expiry_ms
+        self._peer_factory = peer_factory
+        self._constraints = constraints or TypeConstraints()
+        self._rng = rng or random.Random()
+        self.cluster: Cluster | None = None
+        self._peers: dict[str, tuple[str, Forwarder]] = {}
+        self._peer_in_flight: dict[str, int] = {}
+        # loads sent to other pods that their records may not show yet: (load, record revision then)
+        self._pending: dict[str, list[tuple[PendingLoad, int]]] = {}
+        self.requests = RateMeter(clock)
+        # ids recently looked up in the store and not found there (see _read_through)
+        self._unknown: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=1.0, timer=clock.monotonic)
         self._copies: dict[str, LocalCopy] = {}
         self._loads: dict[str, asyncio.Task[LocalCopy]] = {}
         self._unloads: dict[str, asyncio.Task[None]] = {}
@@ -122,11 +158,19 @@ class Mesh:
             status.capacity_bytes, status.max_loading_concurrency, status.loading_timeout_ms,
         )
 
+    def attach(self, cluster: Cluster) -> None:
+        """Join the cluster view: route to peers, sweep the copies of pods that leave."""
+        self.cluster = cluster
+        cluster.view.on_removed.append(self._on_instance_removed)
+
     async def close(self) -> None:
         tasks = [*self._loads.values(), *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *self._unloads.values(), return_exceptions=True)
+        peers = [client for _, client in self._peers.values()]
+        self._peers.clear()
+        await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
 
     def _spawn(self, coro: object, name: str) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
@@ -153,6 +197,202 @@ class Mesh:
         if self._registry.cached(target.id) is None:
             raise ModelNotFound(f"model '{target.id}' not found")
         return target.id
+
+    async def route(
+        self,
+        target: RouteTarget,
+        method: str,
+        body: bytes,
+        metadata: Metadata,
+        timeout_s: float | None,
+        *,
+        forwarded: bool = False,
+        prefer_local: bool = False,
+    ) -> bytes:
+        """Serve a request here or on the pod that should: the whole request path. ``metadata``
+        is the caller's; what goes on is it minus the mesh's own headers, plus ``mm-model-id``.
+
+        A copy loaded here is used at once. A request another pod forwarded is always served here
+        (loading if needed), so a request is never forwarded twice. Otherwise: a live copy on another
+        pod gets it (the one with the fewest of our requests in flight); loaded nowhere, placement
+        picks a pod, maybe this one. A pod that cannot be reached, whose load failed, or that has no
+        room is excluded and the next choice tried, at most MAX_ROUTE_ATTEMPTS pods in all.
+        """
+        self.requests.hit()
+        if target.kind != "vmodel" and self._registry.cached(target.id) is None:
+            await self._read_through(target.id)
+        model_id = self.resolve(target)
+        metadata = forwarded_metadata(metadata, model_id)
+        copy = self._copies.get(model_id)
+        if forwarded or (copy is not None and copy.state is CopyState.LOADED) or model_id in self._loads \
+                or self.cluster is None:
+            return await self.invoke(model_id, method, body, metadata, timeout_s)
+        excluded: set[str] = set()
+        last_error: MeshError | None = None
+        for _ in range(MAX_ROUTE_ATTEMPTS):
+            chosen = self._choose_pod(model_id, excluded, prefer_local, last_error)
+            if chosen == self.instance_id:
+                return await self.invoke(model_id, method, body, metadata, timeout_s)
+            try:
+                return await self._forward(chosen, method, body, metadata, timeout_s)
+            except Unavailable as err:
+                last_error = err
+            except UpstreamError as err:
+                if err.code not in _RETRY_ELSEWHERE:
+                    raise
+                last_error = err
+            log.info("pod %s could not serve '%s' (%s); trying another", chosen, model_id, last_error)
+            excluded.add(chosen)
+        assert last_error is not None
+        raise last_error
+
+    async def _read_through(self, model_id: str) -> None:
+        """A model this pod's view does not know may have been registered through another pod a
+        moment ago (the watch has not brought it yet): ask the store once. Ids found missing are
+        remembered for a second, so requests for unknown models cannot turn into store traffic."""
+        if model_id in self._unknown:
+            return
+        try:
+            found = await self._registry.get(model_id)
+        except Unavailable as err:
+            log.debug("read-through for '%s' failed: %s", model_id, err)
+            found = None
+        if found is None:
+            self._unknown[model_id] = True
+
+    def _choose_pod(
+        self, model_id: str, excluded: set[str], prefer_local: bool, last_error: MeshError | None
+    ) -> str:
+        assert self.cluster is not None
+        record = self._registry.cached(model_id)
+        if record is None:
+            raise ModelNotFound(f"model '{model_id}' not found")
+        now = self._clock.now_ms()
+        live = [i for i in record.copies if i not in excluded and self.cluster.is_live(i)]
+        if live:
+            copies = [CopyView(i, self._peer_in_flight.get(i, 0), record.copies[i]) for i in live]
+            return choose_copy(copies, local_instance=self.instance_id, prefer_local=prefer_local,
+                               now_ms=now, rng=self._rng)
+        failed = {i: f for i, f in record.failures.items() if now - f.time_ms < self._failure_expiry_ms}
+        if self._failures.get(model_id) and now - self._failures[model_id].time_ms < self._failure_expiry_ms:
+            failed[self.instance_id] = self._failures[model_id]
+        model = ModelView(
+            model_id, record.info.type, last_used_ms=record.last_used_ms,
+            holders=frozenset(record.copies), failed=frozenset(failed),
+        )
+        decision = choose_load_target(
+            project_pending(self._cluster_view(), self._pending_loads()), model,
+            now_ms=now, rng=self._rng, exclude=frozenset(excluded),
+        )
+        if decision.instance_id is None:
+            if last_error is not None:
+                raise last_error
+            if failed:
+                reasons = "; ".join(sorted({f.message for f in failed.values()}))
+                raise ModelLoadFailed(f"model '{model_id}' failed to load: {reasons}")
+            raise CapacityExhausted(f"no pod can load '{model_id}': {decision.reason}")
+        if decision.instance_id != self.instance_id:
+            revision = self.cluster.view.versioned(decision.instance_id)
+            self._pending.setdefault(decision.instance_id, []).append(
+                (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
+        return decision.instance_id
+
+    async def _forward(
+        self, instance_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
+    ) -> bytes:
+        assert self.cluster is not None and self._peer_factory is not None
+        endpoint = self.cluster.endpoint(instance_id)
+        if endpoint is None:
+            raise Unavailable(f"pod {instance_id} has left the cluster")
+        known = self._peers.get(instance_id)
+        if known is None or known[0] != endpoint:
+            if known is not None:
+                self._spawn(known[1].close(), f"close-peer:{instance_id}")
+            known = self._peers[instance_id] = (endpoint, self._peer_factory(endpoint))
+        self._peer_in_flight[instance_id] = self._peer_in_flight.get(instance_id, 0) + 1
+        try:
+            return await known[1].invoke(method, body, [*metadata, (HOP_HEADER, self.instance_id)], timeout_s)
+        finally:
+            self._peer_in_flight[instance_id] -= 1
+
+    def _default_size(self) -> int:
+        return self._status.default_model_size_bytes if self._status else 1024 * 1024
+
+    def _pending_loads(self) -> dict[str, list[PendingLoad]]:
+        """Pending loads still worth counting: the pod has not republished since, and they are young."""
+        assert self.cluster is not None
+        now = self._clock.now_ms()
+        out: dict[str, list[PendingLoad]] = {}
+        for instance_id, entries in list(self._pending.items()):
+            current = self.cluster.view.versioned(instance_id)
+            kept = [(p, rev) for p, rev in entries
+                    if current is not None and current.revision == rev and now - p.chosen_ms < PENDING_TTL_MS]
+            if kept:
+                self._pending[instance_id] = kept
+                out[instance_id] = [p for p, _ in kept]
+            else:
+                del self._pending[instance_id]
+        return out
+
+    def _cluster_view(self) -> ClusterView:
+        assert self.cluster is not None
+        instances = tuple(
+            InstanceView(
+                instance_id=i, capacity_bytes=r.capacity_bytes, used_bytes=r.used_bytes,
+                model_count=r.model_count, lru_time_ms=r.lru_time_ms,
+                loading_in_flight=r.loading_in_flight, loading_slots=r.loading_slots,
+                request_rate_rpm=r.request_rate_rpm, labels=frozenset(r.labels), zone=r.zone,
+                version=r.version, start_time_ms=r.start_time_ms, shutting_down=r.shutting_down,
+            )
+            for i, r in self.cluster.instances().items()
+        )
+        return ClusterView(instances, default_model_size_bytes=self._default_size(), constraints=self._constraints)
+
+    def instance_figures(self, endpoint: str, labels: tuple[str, ...], zone: str, start_ms: int) -> InstanceRecord:
+        """This pod's instance record, from its live figures."""
+        status = self._status
+        return InstanceRecord(
+            endpoint=endpoint,
+            capacity_bytes=self.capacity_bytes,
+            used_bytes=self.used_bytes(),
+            model_count=len(self._copies),
+            lru_time_ms=self._lru_ms() if self._copies else 0,
+            loading_in_flight=len(self._loads),
+            loading_slots=status.max_loading_concurrency if status else 1,
+            request_rate_rpm=self.requests.rpm(),
+            labels=labels, zone=zone, version=__version__, start_time_ms=start_ms,
+        )
+
+    def _on_instance_removed(self, instance_id: str) -> None:
+        self._pending.pop(instance_id, None)
+        known = self._peers.pop(instance_id, None)
+        if known is not None:
+            self._spawn(known[1].close(), f"close-peer:{instance_id}")
+        if self.cluster is not None and self.cluster.is_leader():
+            self._spawn(self.sweep_dead_copies(), "sweep-dead-copies")
+
+    async def sweep_dead_copies(self) -> int:
+        """Remove copies of pods that are gone from every model record (leader's chore)."""
+        assert self.cluster is not None
+        cluster = self.cluster
+
+        def live_only(record: ModelRecord) -> ModelRecord | None:
+            dead = [i for i in record.copies if i != self.instance_id and not cluster.is_live(i)]
+            for i in dead:
+                del record.copies[i]
+            return record if dead else None
+
+        swept = 0
+        for model_id, record in self._registry.items():
+            if any(i != self.instance_id and not cluster.is_live(i) for i in record.copies):
+                try:
+                    await self._registry.update(model_id, live_only)
+                    swept += 1
+                except ModelNotFound:
+                    pass
+        if swept:
+            log.info("removed copies of departed pods from %d model records", swept)
+        return swept
 
     async def invoke(
         self, model_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
@@ -463,7 +703,7 @@ class Mesh:
         elif model_id in self._loads:
             copies.append(CopyStatus(self.instance_id, ModelState.LOADING, now))
         for instance, started in record.copies.items():
-            if instance != self.instance_id:
+            if instance != self.instance_id and (self.cluster is None or self.cluster.is_live(instance)):
                 copies.append(CopyStatus(instance, ModelState.LOADED, started))
         errors = tuple(
             f.message for f in record.failures.values() if now - f.time_ms < self._failure_expiry_ms

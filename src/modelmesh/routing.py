@@ -22,6 +22,8 @@ MODEL_ID_HEADER = "mm-model-id"
 VMODEL_ID_HEADER = "mm-vmodel-id"
 # set on pod-to-pod hops so a forwarded request is served where it lands, never forwarded again
 HOP_HEADER = "mm-forwarded"
+# "true" from a client that spreads its own load: prefer the pod it called (ModelMesh's header)
+BALANCED_HEADER = "mm-balanced"
 
 # headers the mesh owns or gRPC manages; never forwarded from a caller
 _DROPPED_PREFIXES = ("grpc-", "mm-")
@@ -34,6 +36,10 @@ class RouteTarget:
 
     id: str
     kind: str  # "model", "vmodel" or "any" (from the body: vmodel first, then model)
+    # another pod sent it here: serve it here
+    forwarded: bool = False
+    # the client asked to be served by the pod it called when that pod has a copy
+    prefer_local: bool = False
 
 
 def _header_value(value: str | bytes) -> str:
@@ -48,27 +54,34 @@ def _header_value(value: str | bytes) -> str:
 def resolve_target(metadata: Iterable[tuple[str, str | bytes]], body: bytes) -> RouteTarget:
     """Apply the routing rules to a request's headers and serialized body."""
     model_id = vmodel_id = None
+    forwarded = prefer_local = False
     for key, value in metadata:
+        if not key.startswith("mm-"):
+            continue
         if key == MODEL_ID_HEADER or key == MODEL_ID_HEADER + "-bin":
             model_id = _header_value(value)
         elif key == VMODEL_ID_HEADER or key == VMODEL_ID_HEADER + "-bin":
             vmodel_id = _header_value(value)
+        elif key == HOP_HEADER:
+            forwarded = True
+        elif key == BALANCED_HEADER:
+            prefer_local = value in ("true", b"true")
     if model_id is not None and vmodel_id is not None:
         raise InvalidRequest(f"give either {MODEL_ID_HEADER} or {VMODEL_ID_HEADER}, not both")
     if model_id is not None:
         if not model_id:
             raise InvalidRequest(f"header {MODEL_ID_HEADER} is empty")
-        return RouteTarget(model_id, "model")
+        return RouteTarget(model_id, "model", forwarded, prefer_local)
     if vmodel_id is not None:
         if not vmodel_id:
             raise InvalidRequest(f"header {VMODEL_ID_HEADER} is empty")
-        return RouteTarget(vmodel_id, "vmodel")
+        return RouteTarget(vmodel_id, "vmodel", forwarded, prefer_local)
     name = read_string_field(body, 1)
     if not name:
         raise InvalidRequest(
             f"no model named: set the request's model name or the {MODEL_ID_HEADER} header"
         )
-    return RouteTarget(name, "any")
+    return RouteTarget(name, "any", forwarded, prefer_local)
 
 
 def forwarded_metadata(

@@ -68,6 +68,11 @@ class MeshSettings:
     runtime_startup_timeout_s: float = 60.0
     # log level name (MM_LOG_LEVEL)
     log_level: str = "INFO"
+    # address other pods use to reach this one (MM_ADVERTISE_ADDRESS); default: --host, or this
+    # machine's hostname when --host is 0.0.0.0. The bound gRPC port is appended.
+    advertise_host: str | None = None
+    # TTL of this pod's instance-record lease: how long a dead pod stays in the views (MM_INSTANCE_LEASE_TTL_S)
+    instance_lease_ttl_s: float = 20.0
     # try-it mode: write this many demo ONNX models to demo_dir and register them at start
     demo_models: int = 0
     demo_dir: str = "modelmesh-demo-models"
@@ -102,6 +107,8 @@ class MeshSettings:
             load_failure_expiry_ms=_int(env, "MM_LOAD_FAILURE_EXPIRY_MS", 15 * 60 * 1000),
             runtime_startup_timeout_s=float(env.get("MM_RUNTIME_STARTUP_TIMEOUT_S", "60") or 60),
             log_level=env.get("MM_LOG_LEVEL", "INFO") or "INFO",
+            advertise_host=env.get("MM_ADVERTISE_ADDRESS") or None,
+            instance_lease_ttl_s=float(env.get("MM_INSTANCE_LEASE_TTL_S", "20") or 20),
         )
         if env.get("MM_INSTANCE_ID"):
             base = replace(base, instance_id=env["MM_INSTANCE_ID"])

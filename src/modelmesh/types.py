@@ -103,3 +103,33 @@ class RuntimeStatus:
 class LoadResult:
     size_bytes: int
     max_concurrency: int = 0
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """A pod, stored as JSON at ``<prefix>/<service>/instances/<instanceId>`` under its lease, so it
+    vanishes when the pod does."""
+
+    endpoint: str
+    capacity_bytes: int
+    used_bytes: int = 0
+    model_count: int = 0
+    # last-use time of the least recently used model here (ms); the start time when empty
+    lru_time_ms: int = 0
+    loading_in_flight: int = 0
+    loading_slots: int = 1
+    request_rate_rpm: int = 0
+    labels: tuple[str, ...] = ()
+    zone: str = ""
+    version: str = ""
+    start_time_ms: int = 0
+    shutting_down: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> InstanceRecord:
+        d: dict[str, Any] = json.loads(raw)
+        d["labels"] = tuple(d.get("labels", ()))
+        return cls(**d)

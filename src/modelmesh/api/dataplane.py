@@ -19,7 +19,7 @@ from modelmesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from modelmesh.mesh import Mesh
 from modelmesh.metrics import MeshMetrics
 from modelmesh.proto import grpc_predict_v2_pb2 as pb
-from modelmesh.routing import RouteTarget, forwarded_metadata, resolve_target
+from modelmesh.routing import RouteTarget, resolve_target
 from modelmesh.types import ModelState
 
 SERVICE = "inference.GRPCInferenceService"
@@ -60,10 +60,7 @@ class DataPlane:
         code = "OK"
         try:
             metadata = context.invocation_metadata() or ()
-            model_id = self._mesh.resolve(resolve_target(metadata, body))
-            return await self._mesh.invoke(
-                model_id, method, body, forwarded_metadata(metadata, model_id), context.time_remaining()
-            )
+            return await self._route(method, body, metadata, context)
         except BaseException as exc:
             code = status_for(exc)[0].name
             raise
@@ -71,6 +68,13 @@ class DataPlane:
             self._metrics.api_request.labels(method.rsplit("/", 1)[-1], code).observe(
                 (self._clock.monotonic() - started) * 1000
             )
+
+    async def _route(self, method: str, body: bytes, metadata: Any, context: grpc.aio.ServicerContext) -> bytes:
+        target = resolve_target(metadata, body)
+        return await self._mesh.route(
+            target, method, body, metadata, context.time_remaining(),
+            forwarded=target.forwarded, prefer_local=target.prefer_local,
+        )
 
     async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._forward(MODEL_INFER, body, context)
@@ -88,11 +92,7 @@ class DataPlane:
             started = self._clock.monotonic()
             code = "OK"
             try:
-                model_id = self._mesh.resolve(resolve_target(metadata, body))
-                response = await self._mesh.invoke(
-                    model_id, MODEL_INFER, body, forwarded_metadata(metadata, model_id),
-                    context.time_remaining(),
-                )
+                response = await self._route(MODEL_INFER, body, metadata, context)
                 yield stream_response(infer_response=response)
             except (MeshError, TimeoutError) as exc:
                 status, message = status_for(exc)

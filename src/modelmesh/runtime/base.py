@@ -15,6 +15,16 @@ from modelmesh.types import LoadResult, ModelInfo, RuntimeStatus
 Metadata = Sequence[tuple[str, str | bytes]]
 
 
+class Forwarder(Protocol):
+    """Anything that takes serialized data-plane requests: a runtime, or another pod."""
+
+    async def invoke(
+        self, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
+    ) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
 class ModelRuntimeClient(Protocol):
     async def status(self) -> RuntimeStatus:
         """runtimeStatus; raises RuntimeUnavailable when the runtime cannot be reached."""

@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 _CHANNEL_OPTIONS = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
 
 
-class GrpcRuntimeClient:
-    """``ModelRuntimeClient`` for a runtime at ``target`` ("host:port" or "unix:/path")."""
+class GrpcForwarder:
+    """Sends serialized data-plane requests to a gRPC server (a runtime or another pod) as bytes.
+
+    One channel per target, reused; one multicallable per method, made once (building them costs
+    more than a loopback call)."""
+
+    what = "server"
 
     def __init__(self, target: str, max_msg_size: int) -> None:
         self.target = target
@@ -37,12 +42,40 @@ class GrpcRuntimeClient:
                 ("grpc.max_receive_message_length", max_msg_size),
             ],
         )
-        self._spi = rgrpc.ModelRuntimeStub(self._channel)
-        # one multicallable per method, made once: building them costs more than a local call
         self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def invoke(
+        self, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
+    ) -> bytes:
+        call = self._callables.get(method)
+        if call is None:
+            # no serializers: bodies pass through as bytes
+            call = self._callables[method] = self._channel.unary_unary(method)
+        try:
+            return await call(body, metadata=metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                raise RuntimeUnavailable(f"{self.what} at {self.target} is unavailable: {err.details()}") from err
+            raise UpstreamError(err.code().name, err.details() or err.code().name) from err
+
+
+class PeerClient(GrpcForwarder):
+    """Another mesh pod, reached on its external port for pod-to-pod hops."""
+
+    what = "pod"
+
+
+class GrpcRuntimeClient(GrpcForwarder):
+    """``ModelRuntimeClient`` for a runtime at ``target`` ("host:port" or "unix:/path")."""
+
+    what = "runtime"
+
+    def __init__(self, target: str, max_msg_size: int) -> None:
+        super().__init__(target, max_msg_size)
+        self._spi = rgrpc.ModelRuntimeStub(self._channel)
 
     def _err(self, what: str, err: grpc.aio.AioRpcError) -> Exception:
         if err.code() == grpc.StatusCode.UNAVAILABLE:
@@ -121,17 +154,3 @@ class GrpcRuntimeClient:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return 0
             raise self._err("modelSize", err) from err
-
-    async def invoke(
-        self, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
-    ) -> bytes:
-        call = self._callables.get(method)
-        if call is None:
-            # no serializers: bodies pass through as bytes
-            call = self._callables[method] = self._channel.unary_unary(method)
-        try:
-            return await call(body, metadata=metadata, timeout=timeout_s)
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.UNAVAILABLE:
-                raise RuntimeUnavailable(f"runtime at {self.target} is unavailable: {err.details()}") from err
-            raise UpstreamError(err.code().name, err.details() or err.code().name) from err

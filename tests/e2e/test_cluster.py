@@ -1,0 +1,217 @@
+"""Three pods (separate processes, each with its built-in runtime) sharing one real etcd."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from modelmesh.demo import demo_model_id, demo_weights, write_demo_models
+from modelmesh.proto import model_mesh_pb2 as mpb
+from modelmesh.proto import model_mesh_pb2_grpc as mgrpc
+from tests.etcd_server import EtcdServer
+from tests.procs import PodProcess, start_pod
+
+pytestmark = pytest.mark.slow
+F = 16
+LEASE_TTL_S = 3
+
+
+def x_for(i: int) -> np.ndarray:
+    return np.random.default_rng(i).standard_normal((1, F)).astype(np.float32)
+
+
+def check_infer(client: tc.InferenceServerClient, index: int, model_id: str | None = None) -> None:
+    inp = tc.InferInput("x", [1, F], "FP32")
+    inp.set_data_from_numpy(x_for(index))
+    out = client.infer(model_id or demo_model_id(index), [inp], client_timeout=30).as_numpy("y")
+    w, b = demo_weights(index, F)
+    np.testing.assert_allclose(out, x_for(index) @ w + b, rtol=1e-4, atol=1e-4)
+
+
+def register(address: str, model_id: str, path: str) -> mpb.ModelStatusInfo:
+    with grpc.insecure_channel(address) as ch:
+        return mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
+            modelId=model_id, modelInfo=mpb.ModelInfo(type="onnx", path=path)), timeout=20)
+
+
+def start_cluster(tmp_path, etcd: EtcdServer, n: int = 3) -> list[PodProcess]:
+    return [
+        start_pod(tmp_path, "--etcd", etcd.endpoint, "--capacity", str(200_000_000), "--instance-id", f"pod-{i}",
+                  env={"MM_INSTANCE_LEASE_TTL_S": str(LEASE_TTL_S)})
+        for i in range(n)
+    ]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def copies_of(address: str, model_id: str) -> set[str]:
+    with grpc.insecure_channel(address) as ch:
+        status = mgrpc.ModelMeshStub(ch).getModelStatus(mpb.GetStatusRequest(modelId=model_id), timeout=10)
+    return {c.location for c in status.modelCopyInfos}
+
+
+@pytest.fixture
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.mark.timeout(300)
+def test_three_pods_serve_300_models_from_any_pod_and_spread_loads(tmp_path, etcd):
+    models = tmp_path / "models"
+    paths = write_demo_models(models, 300, F)
+    pods = start_cluster(tmp_path, etcd)
+    try:
+        for path in paths:
+            register(pods[0].address, path.stem, str(path))
+        clients = [tc.InferenceServerClient(p.address) for p in pods]
+        rng = random.Random(3)
+        try:
+            for i in range(300):
+                check_infer(rng.choice(clients), i)
+            # every model once more, through another random pod: served from its copy, no reloads
+            before = sum(p.metrics()["modelmesh_loadmodel_milliseconds_count"] for p in pods)
+            for i in range(300):
+                check_infer(rng.choice(clients), i)
+            after = sum(p.metrics()["modelmesh_loadmodel_milliseconds_count"] for p in pods)
+        finally:
+            for c in clients:
+                c.close()
+        assert after == before == 300
+        counts = [p.metrics()["modelmesh_instance_models_total"] for p in pods]
+        assert sum(counts) == 300
+        assert max(counts) <= 1.5 * (sum(counts) / 3), counts
+    finally:
+        for p in pods:
+            assert p.stop() == 0, p.log()
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_pod_is_routed_around_and_leaves_the_registry(tmp_path, etcd):
+    models = tmp_path / "models"
+    paths = write_demo_models(models, 30, F)
+    pods = start_cluster(tmp_path, etcd)
+    for path in paths:
+        register(pods[0].address, path.stem, str(path))
+    survivors = pods[1:]
+    victim = pods[0]
+    # load everything, a third of it on the victim
+    client = tc.InferenceServerClient(victim.address)
+    for i in range(30):
+        check_infer(client, i)
+    client.close()
+    on_victim = [i for i in range(30) if "pod-0" in copies_of(pods[1].address, demo_model_id(i))]
+    assert on_victim, "placement put nothing on pod-0"
+
+    failures: Counter[str] = Counter()
+    done = threading.Event()
+    served = Counter()
+
+    def traffic(pod: PodProcess, seed: int) -> None:
+        c = tc.InferenceServerClient(pod.address)
+        rng = random.Random(seed)
+        try:
+            while not done.is_set():
+                i = rng.randrange(30)
+                try:
+                    check_infer(c, i)
+                    served[pod.address] += 1
+                except Exception as exc:  # counted and asserted on below
+                    failures[type(exc).__name__ + ": " + str(exc)[:120]] += 1
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=traffic, args=(p, k)) for k, p in enumerate(survivors)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        victim.kill()
+        time.sleep(LEASE_TTL_S + 3)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+    # requests to the survivors never went to a dead pod's runtime mid-flight, so none may fail
+    assert sum(failures.values()) == 0, failures
+    assert sum(served.values()) > 100
+    # the models that lived on the dead pod loaded elsewhere on demand
+    for i in on_victim:
+        copies = copies_of(survivors[0].address, demo_model_id(i))
+        assert copies and "pod-0" not in copies, (i, copies)
+    # its lease expired: no record lists it any more
+    wait_for(lambda: all("pod-0" not in copies_of(survivors[1].address, demo_model_id(i)) for i in range(30)),
+             15, "the dead pod's copies to leave every record")
+    for p in survivors:
+        assert p.stop() == 0, p.log()
+
+
+@pytest.mark.timeout(300)
+def test_etcd_outage_keeps_inference_going_and_views_converge_after(tmp_path, etcd):
+    models = tmp_path / "models"
+    paths = write_demo_models(models, 12, F)
+    pods = start_cluster(tmp_path, etcd)
+    try:
+        for path in paths[:10]:
+            register(pods[0].address, path.stem, str(path))
+        clients = [tc.InferenceServerClient(p.address) for p in pods]
+        try:
+            for i in range(10):
+                for c in clients:
+                    check_infer(c, i)
+            etcd.stop()
+            outage_ends = time.monotonic() + 10
+            ok = 0
+            while time.monotonic() < outage_ends:
+                for k, c in enumerate(clients):
+                    check_infer(c, (ok + k) % 10)
+                    ok += 1
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                register(pods[1].address, paths[10].stem, str(paths[10]))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "etcd" in err.value.details()
+            assert time.monotonic() - started < 15
+            etcd.start()
+            # every pod sees a model registered after the outage, without restarts
+            wait_for(lambda: _registered_ok(pods[2].address, paths[11]), 20, "registration to work again")
+            wait_for(lambda: all(demo_model_id(11) in _listed(c) for c in clients), 10,
+                     "every pod's view to show the new model")
+            for c in clients:
+                check_infer(c, 11, demo_model_id(11))
+            for c in clients:
+                check_infer(c, 3)
+        finally:
+            for c in clients:
+                c.close()
+        assert ok > 30
+    finally:
+        for p in pods:
+            assert p.stop() == 0, p.log()
+
+
+def _listed(client: tc.InferenceServerClient) -> set[str]:
+    """The models in a pod's view (RepositoryIndex answers from the view, not the store)."""
+    return {m["name"] for m in client.get_model_repository_index(as_json=True).get("models", [])}
+
+
+def _registered_ok(address: str, path) -> bool:
+    try:
+        register(address, path.stem, str(path))
+        return True
+    except grpc.RpcError:
+        return False
