@@ -231,11 +231,11 @@ class Mesh:
         last_error: MeshError | None = None
         for _ in range(MAX_ROUTE_ATTEMPTS):
             chosen = self._choose_pod(model_id, excluded, prefer_local, last_error)
-            if chosen == self.instance_id:
-                return await self.invoke(model_id, method, body, metadata, timeout_s)
             try:
+                if chosen == self.instance_id:
+                    return await self.invoke(model_id, method, body, metadata, timeout_s)
                 return await self._forward(chosen, method, body, metadata, timeout_s)
-            except Unavailable as err:
+            except (Unavailable, ModelLoadFailed, CapacityExhausted) as err:
                 last_error = err
             except UpstreamError as err:
                 if err.code not in _RETRY_ELSEWHERE:
@@ -291,10 +291,11 @@ class Mesh:
                 reasons = "; ".join(sorted({f.message for f in failed.values()}))
                 raise ModelLoadFailed(f"model '{model_id}' failed to load: {reasons}")
             raise CapacityExhausted(f"no pod can load '{model_id}': {decision.reason}")
-        if decision.instance_id != self.instance_id:
-            revision = self.cluster.view.versioned(decision.instance_id)
-            self._pending.setdefault(decision.instance_id, []).append(
-                (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
+        # Counted against the chosen pod, this one included, until its record is republished:
+        # every pod is judged by its published record plus what we sent it since, alike.
+        revision = self.cluster.view.versioned(decision.instance_id)
+        self._pending.setdefault(decision.instance_id, []).append(
+            (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
         return decision.instance_id
 
     async def _forward(
@@ -344,9 +345,19 @@ class Mesh:
                 request_rate_rpm=r.request_rate_rpm, labels=frozenset(r.labels), zone=r.zone,
                 version=r.version, start_time_ms=r.start_time_ms, shutting_down=r.shutting_down,
             )
-            for i, r in self.cluster.instances().items()
+            for i, r in self._published_instances().items()
         )
         return ClusterView(instances, default_model_size_bytes=self._default_size(), constraints=self._constraints)
+
+    def _published_instances(self) -> dict[str, InstanceRecord]:
+        """Every live pod's published record; placement judges this pod by the same yardstick as
+        the others (its pending loads are counted the same way), so it neither favours nor shuns
+        itself."""
+        assert self.cluster is not None
+        instances = dict(self.cluster.view.items())
+        if self.instance_id not in instances:
+            instances[self.instance_id] = self.cluster.current()
+        return instances
 
     def instance_figures(self, endpoint: str, labels: tuple[str, ...], zone: str, start_ms: int) -> InstanceRecord:
         """This pod's instance record, from its live figures."""

@@ -1,0 +1,192 @@
+"""Three meshes on one in-memory store, wired to each other in-process: cluster routing without gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from modelmesh.api.status import status_for
+from modelmesh.clock import FakeClock
+from modelmesh.cluster import Cluster
+from modelmesh.errors import MeshError, ModelLoadFailed, RuntimeUnavailable, UpstreamError
+from modelmesh.kv.memory import MemoryStore
+from modelmesh.mesh import Mesh
+from modelmesh.metrics import MeshMetrics
+from modelmesh.registry import Registry
+from modelmesh.routing import RouteTarget, resolve_target
+from modelmesh.types import ModelInfo
+from tests.fakes import FakeRuntime
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+IDS = ("pod-a", "pod-b", "pod-c")
+
+
+class InProcessPeer:
+    """A ``Forwarder`` to another Mesh in this process, failing as gRPC would."""
+
+    def __init__(self, pods: dict[str, Pod], instance_id: str) -> None:
+        self._pods = pods
+        self._id = instance_id
+
+    async def invoke(self, method, body, metadata, timeout_s):
+        pod = self._pods[self._id]
+        if pod.down:
+            raise RuntimeUnavailable(f"pod at {self._id} is unavailable: connection refused")
+        try:
+            return await pod.mesh.route(resolve_target(metadata, body), method, body, metadata, timeout_s,
+                                        forwarded=True)
+        except MeshError as err:
+            code, message = status_for(err)
+            raise UpstreamError(code.name, message) from err
+
+    async def close(self):
+        pass
+
+
+class Pod:
+    def __init__(self, instance_id, store, clock, pods):
+        self.id = instance_id
+        self.down = False
+        self.runtime = FakeRuntime(capacity=10_000)
+        self.registry = Registry(store, "mm/t")
+        self.mesh = Mesh(instance_id=instance_id, registry=self.registry, runtime=self.runtime,
+                         metrics=MeshMetrics(CollectorRegistry()), clock=clock, load_failure_expiry_ms=60_000,
+                         peer_factory=lambda endpoint: InProcessPeer(pods, endpoint),
+                         rng=random.Random(instance_id))
+        self.cluster = Cluster(store, "mm/t", instance_id, clock=clock, lease_ttl_s=30,
+                               figures=lambda: self.mesh.instance_figures(instance_id, (), "", 0),
+                               check_interval_s=0.01)
+
+    async def start(self):
+        self.mesh.start(await self.runtime.status())
+        await self.registry.start()
+        await self.cluster.start()
+        self.mesh.attach(self.cluster)
+
+    async def stop(self):
+        await self.mesh.close()
+        await self.cluster.close()
+        await self.registry.close()
+
+
+async def until(predicate, what, timeout_s=2.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def pods():
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    pods: dict[str, Pod] = {}
+    for i in IDS:
+        pods[i] = Pod(i, store, clock, pods)
+    for p in pods.values():
+        await p.start()
+    await until(lambda: all(len(p.cluster.view) == 3 for p in pods.values()), "every pod to see the others")
+    yield pods
+    for p in pods.values():
+        await p.stop()
+    await store.close()
+
+
+async def register(pod: Pod, model_id: str, path: str | None = None):
+    await pod.mesh.register(model_id, ModelInfo("onnx", path or f"/m/{model_id}"), load_now=False, sync=False)
+
+
+async def infer(pod: Pod, model_id: str, *, forwarded=False):
+    md = [("mm-model-id", model_id)]
+    return await pod.mesh.route(RouteTarget(model_id, "model"), INFER, b"x", md, None, forwarded=forwarded)
+
+
+async def test_request_goes_to_the_pod_holding_the_copy(pods):
+    a, b = pods["pod-a"], pods["pod-b"]
+    await register(a, "m")
+    await infer(b, "m", forwarded=True)  # a forwarded request is served where it lands: loads on b
+    assert b.runtime.loaded == {"m": 100}
+    assert await infer(a, "m") == b"x|m"
+    assert a.runtime.load_calls == [] and b.runtime.invocations[-1] == (INFER, "m")
+    assert {c.instance_id for c in (await a.mesh.status("m")).copies} == {"pod-b"}
+
+
+async def test_loads_spread_over_the_pods(pods):
+    a = pods["pod-a"]
+    for i in range(30):
+        await register(a, f"m{i}")
+    await asyncio.gather(*(infer(a, f"m{i}") for i in range(30)))
+    counts = {p.id: len(p.runtime.loaded) for p in pods.values()}
+    assert sum(counts.values()) == 30
+    assert max(counts.values()) <= 12 and min(counts.values()) >= 8, counts
+
+
+async def test_a_failed_load_moves_on_to_another_pod(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    for p in (a, b):
+        p.runtime.failing["/m/picky"] = "needs an instruction set this machine lacks"
+    await register(a, "picky")
+    assert await infer(a, "picky") == b"x|picky"
+    assert set(c.runtime.loaded) == {"picky"}
+    assert len(a.runtime.load_calls) + len(b.runtime.load_calls) <= 2
+
+
+async def test_a_model_failing_everywhere_reports_the_reason(pods):
+    a = pods["pod-a"]
+    for p in pods.values():
+        p.runtime.failing["/m/bad"] = "corrupt file"
+    await register(a, "bad")
+    with pytest.raises((ModelLoadFailed, UpstreamError), match="corrupt file"):
+        await infer(a, "bad")
+    loads = sum(len(p.runtime.load_calls) for p in pods.values())
+    assert 1 <= loads <= 3
+    with pytest.raises((ModelLoadFailed, UpstreamError), match="corrupt file"):
+        await infer(a, "bad")
+    assert sum(len(p.runtime.load_calls) for p in pods.values()) == loads  # not retried until expiry
+
+
+async def test_an_unreachable_pod_is_skipped(pods):
+    a, c = pods["pod-a"], pods["pod-c"]
+    await register(a, "m")
+    await infer(c, "m", forwarded=True)
+    c.down = True
+    assert await infer(a, "m") == b"x|m"
+    assert "m" in a.runtime.loaded or "m" in pods["pod-b"].runtime.loaded
+
+
+async def test_forwarded_requests_are_never_forwarded_again(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await register(a, "m")
+    await infer(c, "m", forwarded=True)
+    await infer(b, "m", forwarded=True)  # b has no copy but must serve it itself
+    assert "m" in b.runtime.loaded and c.runtime.invocations == [(INFER, "m")]
+
+
+async def test_unregister_through_one_pod_unloads_everywhere(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await register(a, "m")
+    await infer(b, "m", forwarded=True)
+    await infer(c, "m", forwarded=True)
+    await a.mesh.unregister("m")
+    await until(lambda: "m" not in b.runtime.loaded and "m" not in c.runtime.loaded, "the copies to unload")
+
+
+async def test_registration_through_one_pod_routes_at_once_on_the_others(pods):
+    a, b = pods["pod-a"], pods["pod-b"]
+    await register(a, "fresh")
+    assert await infer(b, "fresh") == b"x|fresh"
+
+
+async def test_the_leader_sweeps_copies_of_a_departed_pod(pods):
+    a, c = pods["pod-a"], pods["pod-c"]
+    await register(a, "m")
+    await infer(c, "m", forwarded=True)
+    assert "pod-c" in a.registry.cached("m").copies
+    c.down = True
+    await c.cluster.close()  # its lease goes, as when a pod dies and its TTL passes
+    await until(lambda: "pod-c" not in (a.registry.cached("m").copies), "the sweep")
+    assert await infer(a, "m") == b"x|m"
