@@ -33,6 +33,8 @@ from modelmesh.demo import demo_model_id, write_demo_models
 from modelmesh.proto import grpc_predict_v2_pb2 as pb
 from modelmesh.proto import model_mesh_pb2 as mpb
 from modelmesh.proto import model_mesh_pb2_grpc as mgrpc
+from modelmesh.proto import model_runtime_pb2 as rpb
+from modelmesh.proto import model_runtime_pb2_grpc as rgrpc
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -102,6 +104,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct/mesh rounds per concurrency")
     parser.add_argument("--features", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--pod-runtime", choices=("endpoint", "inprocess"), default="endpoint",
+                        help="endpoint: the pod fronts the measured runtime process; inprocess: the pod "
+                             "hosts its own runtime (the baseline is the runtime process, same model)")
     parser.add_argument("--uds", action="store_true",
                         help="the runtime listens on a Unix socket (the pod and the direct client use it)")
     args = parser.parse_args()
@@ -117,13 +122,19 @@ def main() -> int:
     runtime_addr = m.group(1)
     pod = None
     try:
+        runtime_flags = ["--runtime", "inprocess"] if args.pod_runtime == "inprocess" \
+            else ["--runtime-endpoint", runtime_addr]
         pod, m = start([py, "-m", "modelmesh.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-                        "--metrics-port", "0", "--runtime-endpoint", runtime_addr],
+                        "--metrics-port", "0", "--capacity", str(1 << 30), *runtime_flags],
                        r"serving on \S+:(\d+)")
         pod_addr = f"127.0.0.1:{m.group(1)}"
         with grpc.insecure_channel(pod_addr) as ch:
             mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
                 modelId=model_id, loadNow=True, sync=True, modelInfo=mpb.ModelInfo(type="onnx", path=str(path))))
+        if args.pod_runtime == "inprocess":
+            with grpc.insecure_channel(runtime_addr) as ch:
+                rgrpc.ModelRuntimeStub(ch).loadModel(rpb.LoadModelRequest(
+                    modelId=model_id, modelType="onnx", modelPath=str(path)))
         body = infer_request(model_id, args.features)
         results: list[RoundResult] = []
         for c in args.concurrency:
@@ -139,7 +150,8 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(timeout=20)
 
-    print(f"\nB1 local hop — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"\nB1 local hop (pod runtime: {args.pod_runtime}) — {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {args.duration:.0f} s x {args.rounds} rounds each")
     print(f"{'conc':>4} {'direct req/s':>13} {'mesh req/s':>11} {'ratio':>6} {'direct p50':>11} "
           f"{'added p50':>10} {'direct p99':>11} {'added p99':>10}")

@@ -34,7 +34,8 @@ from modelmesh.metrics import MeshMetrics
 from modelmesh.placement.load import parse_type_constraints
 from modelmesh.registry import Registry
 from modelmesh.runtime.grpc_client import GrpcRuntimeClient, PeerClient
-from modelmesh.settings import MeshSettings
+from modelmesh.runtime.inprocess import InProcessRuntime
+from modelmesh.settings import MeshSettings, RuntimeSettings
 from modelmesh.types import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -176,14 +177,22 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         store = open_store(settings, clock)
         closers.append(lambda _g: store.close())
 
-        endpoint = settings.runtime_endpoint
-        if endpoint is None:
-            child = RuntimeProcess(settings)
-            closers.append(lambda _g: child.stop())
-            endpoint = await child.start()
-        runtime = GrpcRuntimeClient(endpoint, settings.max_msg_size)
-        closers.append(lambda _g: runtime.close())
-        status = await runtime.wait_ready(settings.runtime_startup_timeout_s)
+        runtime: GrpcRuntimeClient | InProcessRuntime
+        if settings.runtime_endpoint is None and settings.runtime_mode == "inprocess":
+            runtime = InProcessRuntime(RuntimeSettings(
+                capacity_bytes=settings.runtime_capacity_bytes, max_msg_size=settings.max_msg_size))
+            await runtime.start()
+            closers.append(lambda _g: runtime.close())
+            status = await runtime.status()
+        else:
+            endpoint = settings.runtime_endpoint
+            if endpoint is None:
+                child = RuntimeProcess(settings)
+                closers.append(lambda _g: child.stop())
+                endpoint = await child.start()
+            runtime = GrpcRuntimeClient(endpoint, settings.max_msg_size)
+            closers.append(lambda _g: runtime.close())
+            status = await runtime.wait_ready(settings.runtime_startup_timeout_s)
 
         registry = Registry(store, settings.key_root)
         await registry.start()

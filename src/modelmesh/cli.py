@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         runtime_capacity_bytes=args.capacity,
         runtime_endpoint=args.runtime_endpoint,
+        runtime_mode=args.runtime,
         kv_store=args.etcd and f"etcd:{args.etcd}",
         instance_id=args.instance_id,
         log_level=args.log_level,
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runtime-endpoint", metavar="HOST:PORT",
                        help="use a running runtime instead of starting the built-in one "
                             "(INTERNAL_GRPC_PORT / INTERNAL_GRPC_SOCKET_PATH)")
+    serve.add_argument("--runtime", choices=("process", "inprocess"),
+                       help="run the built-in runtime as a child process (default) or inside the pod's "
+                            "process (MM_RUNTIME_MODE)")
     serve.add_argument("--etcd", metavar="URL", help="etcd endpoint for cluster mode (KV_STORE=etcd:URL)")
     serve.add_argument("--instance-id", help="this pod's id (MM_INSTANCE_ID)")
     serve.add_argument("--advertise-address", metavar="HOST",

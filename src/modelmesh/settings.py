@@ -46,7 +46,10 @@ class MeshSettings:
     # runtime to use: "host:port" or "unix:/path"; None starts the built-in runtime as a child
     # (INTERNAL_GRPC_PORT gives a loopback port, INTERNAL_GRPC_SOCKET_PATH a Unix socket)
     runtime_endpoint: str | None = None
-    # capacity handed to the built-in runtime child; None lets it size itself (MM_RUNTIME_CAPACITY_BYTES)
+    # where the built-in runtime runs when no endpoint is given: "process" (a child process, the
+    # SPI over loopback) or "inprocess" (inside this process, no hop) (MM_RUNTIME_MODE)
+    runtime_mode: str = "inprocess"
+    # capacity handed to the built-in runtime; None lets it size itself (MM_RUNTIME_CAPACITY_BYTES)
     runtime_capacity_bytes: int | None = None
     # registry store: "memory" for single node, or "etcd:http://host:port[,...]" (KV_STORE)
     kv_store: str = "memory"
@@ -96,6 +99,7 @@ class MeshSettings:
             max_msg_size=_int(env, "MM_SVC_GRPC_MAX_MSG_SIZE", 16 * MIB),
             metrics_port=_int(env, "MM_METRICS_PORT", 2112),
             runtime_endpoint=endpoint,
+            runtime_mode=env.get("MM_RUNTIME_MODE", "inprocess") or "inprocess",
             runtime_capacity_bytes=int(capacity) if capacity else None,
             kv_store=env.get("KV_STORE", "memory") or "memory",
             kv_prefix=env.get("MM_KVSTORE_PREFIX", "mm") or "mm",
@@ -112,7 +116,10 @@ class MeshSettings:
         )
         if env.get("MM_INSTANCE_ID"):
             base = replace(base, instance_id=env["MM_INSTANCE_ID"])
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        if settings.runtime_mode not in ("process", "inprocess"):
+            raise ValueError(f"MM_RUNTIME_MODE={settings.runtime_mode!r}: expected 'process' or 'inprocess'")
+        return settings
 
     @property
     def key_root(self) -> str:

@@ -30,10 +30,16 @@ def models_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module", params=["inprocess", "process"])
+def runtime_mode(request) -> str:
+    """Every test here runs against a pod hosting its runtime in-process and one with a child."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def model_size(models_dir, tmp_path_factory) -> int:
+def model_size(models_dir, runtime_mode, tmp_path_factory) -> int:
     """A demo model's measured size, from a pod with room for all of them."""
-    pod = start_pod(tmp_path_factory.mktemp("sizing"), "--capacity", str(1 << 30))
+    pod = start_pod(tmp_path_factory.mktemp("sizing"), "--capacity", str(1 << 30), "--runtime", runtime_mode)
     try:
         with grpc.insecure_channel(pod.address) as ch:
             stub = mgrpc.ModelMeshStub(ch)
@@ -48,9 +54,9 @@ def model_size(models_dir, tmp_path_factory) -> int:
 
 
 @pytest.fixture(scope="module")
-def pod(models_dir, model_size, tmp_path_factory):
+def pod(models_dir, model_size, runtime_mode, tmp_path_factory):
     capacity = int(model_size * (FITS + 0.5))
-    pod = start_pod(tmp_path_factory.mktemp("pod"), "--capacity", str(capacity))
+    pod = start_pod(tmp_path_factory.mktemp("pod"), "--capacity", str(capacity), "--runtime", runtime_mode)
     with grpc.insecure_channel(pod.address) as ch:
         stub = mgrpc.ModelMeshStub(ch)
         for i in range(N_MODELS):

@@ -112,15 +112,7 @@ class ModelRuntimeServicer(model_runtime_pb2_grpc.ModelRuntimeServicer):
     ) -> model_runtime_pb2.RuntimeStatusResponse:
         s = self._settings
         # no methodInfos: the mesh names the model in the mm-model-id header, never in the body
-        return model_runtime_pb2.RuntimeStatusResponse(
-            status=model_runtime_pb2.RuntimeStatusResponse.READY,
-            capacityInBytes=self._table.capacity_bytes,
-            maxLoadingConcurrency=s.max_loading_concurrency,
-            modelLoadingTimeoutMs=s.loading_timeout_ms,
-            defaultModelSizeInBytes=s.default_model_size_bytes,
-            runtimeVersion=__version__,
-            allowAnyMethod=True,
-        )
+        return runtime_status(self._table, s)
 
 
 def _header_model_id(context: grpc.aio.ServicerContext) -> str | None:
@@ -143,6 +135,43 @@ def _model_id(context: grpc.aio.ServicerContext, name_in_request: str) -> str:
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=spec.name, datatype=spec.datatype or spec.onnx_type, shape=spec.shape
+    )
+
+
+def model_metadata(table: ModelTable, model_id: str, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+    """ModelMetadata for a loaded model; shared by the gRPC servicer and the in-process runtime."""
+    model = table.get(model_id)
+    return pb.ModelMetadataResponse(
+        name=request.name or model_id,
+        platform=PLATFORM,
+        inputs=[_tensor_metadata(s) for s in model.inputs],
+        outputs=[_tensor_metadata(s) for s in model.outputs],
+    )
+
+
+async def model_infer(table: ModelTable, model_id: str, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """ModelInfer on a loaded model; shared by the gRPC servicer and the in-process runtime."""
+    model = table.get(model_id)
+    inputs, raw = tensors.decode_inputs(request, label=f"model '{model_id}'")
+    outputs = await table.infer(model, inputs, [o.name for o in request.outputs])
+    response = pb.ModelInferResponse(
+        model_name=request.model_name or model_id,
+        model_version=request.model_version,
+        id=request.id,
+    )
+    tensors.encode_outputs(response, outputs, raw=raw)
+    return response
+
+
+def runtime_status(table: ModelTable, s: RuntimeSettings) -> model_runtime_pb2.RuntimeStatusResponse:
+    return model_runtime_pb2.RuntimeStatusResponse(
+        status=model_runtime_pb2.RuntimeStatusResponse.READY,
+        capacityInBytes=table.capacity_bytes,
+        maxLoadingConcurrency=s.max_loading_concurrency,
+        modelLoadingTimeoutMs=s.loading_timeout_ms,
+        defaultModelSizeInBytes=s.default_model_size_bytes,
+        runtimeVersion=__version__,
+        allowAnyMethod=True,
     )
 
 
@@ -179,31 +208,15 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        model_id = _model_id(context, request.name)
-        model = self._table.get(model_id)
-        return pb.ModelMetadataResponse(
-            name=request.name or model_id,
-            platform=PLATFORM,
-            inputs=[_tensor_metadata(s) for s in model.inputs],
-            outputs=[_tensor_metadata(s) for s in model.outputs],
-        )
+        return model_metadata(self._table, _model_id(context, request.name), request)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(_model_id(context, request.model_name), request)
+        return await model_infer(self._table, _model_id(context, request.model_name), request)
 
     async def _infer(self, model_id: str, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        model = self._table.get(model_id)
-        inputs, raw = tensors.decode_inputs(request, label=f"model '{model_id}'")
-        outputs = await self._table.infer(model, inputs, [o.name for o in request.outputs])
-        response = pb.ModelInferResponse(
-            model_name=request.model_name or model_id,
-            model_version=request.model_version,
-            id=request.id,
-        )
-        tensors.encode_outputs(response, outputs, raw=raw)
-        return response
+        return await model_infer(self._table, model_id, request)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
