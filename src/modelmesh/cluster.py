@@ -97,8 +97,10 @@ class Cluster:
         """The live pod with the smallest id does cluster chores (sweeping dead pods' copies).
         Derived from the view, so no extra store traffic; chores are idempotent compare-and-set
         updates, so two pods that briefly both think they lead do no harm."""
+        if self._shutting_down:
+            return False
         live = [i for i, r in self.view.items() if not r.shutting_down]
-        return not live or min([*live, self.instance_id]) == self.instance_id
+        return min([*live, self.instance_id]) == self.instance_id
 
     # ---- lifecycle
 

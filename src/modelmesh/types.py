@@ -8,6 +8,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def _json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not a JSON object: {type(value).__name__}")
+    return value
+
+
 class ModelState(enum.IntEnum):
     """Status of a model, numbered as ``mmesh.ModelStatusInfo.ModelStatus``."""
 
@@ -55,7 +62,7 @@ class ModelRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ModelRecord:
-        d: dict[str, Any] = json.loads(raw)
+        d = _json_object(raw, "model record")
         return cls(
             info=ModelInfo(**d["info"]),
             registered_ms=d["registered_ms"],
@@ -130,6 +137,6 @@ class InstanceRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> InstanceRecord:
-        d: dict[str, Any] = json.loads(raw)
+        d = _json_object(raw, "instance record")
         d["labels"] = tuple(d.get("labels", ()))
         return cls(**d)

@@ -36,8 +36,9 @@ class PrefixView(Generic[T]):
         self._name = name
         self._items: dict[str, Versioned[T]] = {}
         self._task: asyncio.Task[None] | None = None
-        # ids deleted through this pod whose DELETE event has not come back yet: older PUT events
-        # still queued in the watch must not bring them back
+        # keys deleted through this pod whose DELETE event has not come back yet: PUT events still
+        # queued in the watch (older than the delete, since the watch delivers in revision order)
+        # must not bring them back; the DELETE event itself ends the guard
         self._tombstones: set[str] = set()
         self.on_removed: list[Callable[[str], None]] = []
         self.on_changed: list[Callable[[str, T], None]] = []
@@ -82,7 +83,7 @@ class PrefixView(Generic[T]):
         for kv in listing.items:
             try:
                 fresh[kv.key[len(self.prefix):]] = Versioned(self._decode(kv.value), kv.mod_revision)
-            except (ValueError, KeyError, TypeError) as err:
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 log.error("%s: ignoring unreadable record %s: %s", self._name, kv.key, err)
         gone = [k for k in self._items if k not in fresh]
         changed = [k for k, v in fresh.items() if (old := self._items.get(k)) is None or old.revision != v.revision]
@@ -131,7 +132,7 @@ class PrefixView(Generic[T]):
         if event.kind is EventKind.PUT:
             try:
                 value = self._decode(event.value)
-            except (ValueError, KeyError, TypeError) as err:
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 log.error("%s: ignoring unreadable record %s: %s", self._name, event.key, err)
                 return
             self._items[key] = Versioned(value, event.mod_revision)
@@ -151,11 +152,11 @@ class PrefixView(Generic[T]):
 
     def forget(self, key: str, *, deleted: bool) -> None:
         """The key was deleted through this pod (``deleted``: the store really deleted it)."""
+        if self._items.pop(key, None) is None:
+            return  # its DELETE event came first: nothing left to guard against
         if deleted:
             self._tombstones.add(key)
-        if key in self._items:
-            del self._items[key]
-            self._notify_removed(key)
+        self._notify_removed(key)
 
     def _notify_removed(self, key: str) -> None:
         for callback in self.on_removed:

@@ -296,12 +296,6 @@ async def test_the_smallest_live_id_leads(make_cluster: MakeCluster) -> None:
     assert c.is_leader()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cluster.is_leader adds self.instance_id to the candidates even when this pod is "
-    "shutting down, so a draining pod with the smallest id keeps leading while its live peer "
-    "pod-b leads too (two leaders for the whole drain, not 'briefly')",
-)
 async def test_a_shutting_down_pod_does_not_lead_while_a_live_peer_exists(
     make_cluster: MakeCluster,
 ) -> None:

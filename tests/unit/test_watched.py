@@ -223,13 +223,6 @@ async def test_an_older_put_arriving_after_a_local_delete_does_not_resurrect_the
     await eventually(lambda: view.get("a") == 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PrefixView.forget(deleted=True) adds a tombstone that only a later DELETE event "
-    "clears; when the watch delivered the DELETE before forget() ran (etcd can answer the watch "
-    "before the delete RPC, and Registry.delete awaits the RPC then calls forget), the tombstone "
-    "stays and every later PUT of that key by another writer is ignored until a re-list",
-)
 async def test_a_key_recreated_after_a_local_delete_whose_event_came_first_is_shown(
     store: MemoryStore, make_view: MakeView
 ) -> None:
@@ -339,13 +332,6 @@ async def test_a_failing_callback_is_logged_and_the_others_still_run(
 NOT_AN_OBJECT = [b"[]", b"null", b"42", b'"pod"']
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="InstanceRecord.from_json raises AttributeError on JSON that is not an object "
-    "(d.get on a list/None/int/str); PrefixView._apply catches only ValueError/KeyError/TypeError, "
-    "so _watch's catch-all retries the same event every 0.2 s forever (the backoff is reset on "
-    "each batch) and no later change reaches the instances view",
-)
 async def test_instance_records_that_are_not_json_objects_are_skipped_by_the_watch(
     store: MemoryStore,
 ) -> None:
@@ -362,12 +348,6 @@ async def test_instance_records_that_are_not_json_objects_are_skipped_by_the_wat
         await view.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="InstanceRecord.from_json raises AttributeError on JSON that is not an object; "
-    "PrefixView._relist does not catch it, so start() fails and the pod cannot join the cluster "
-    "while one such record exists",
-)
 async def test_an_instance_record_that_is_not_a_json_object_is_skipped_by_the_listing(
     store: MemoryStore,
 ) -> None:
