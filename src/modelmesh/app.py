@@ -230,6 +230,7 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
             lease_ttl_s=settings.instance_lease_ttl_s,
             figures=lambda: mesh.instance_figures(endpoint, settings.labels, settings.zone, start_ms),
         )
+        await mesh.forget_own_copies()
         await cluster.start()
         mesh.attach(cluster)
         closers.append(lambda _g: cluster.close())

@@ -16,25 +16,32 @@ from collections.abc import Sequence
 from modelmesh import __version__
 
 
+class SettingsError(Exception):
+    """Settings from the environment or flags that cannot be used; reported without a traceback."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     from modelmesh.app import run_mesh
     from modelmesh.settings import MeshSettings
 
-    settings = MeshSettings.from_env(
-        os.environ,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        runtime_capacity_bytes=args.capacity,
-        runtime_endpoint=args.runtime_endpoint,
-        runtime_mode=args.runtime,
-        kv_store=args.etcd and f"etcd:{args.etcd}",
-        instance_id=args.instance_id,
-        log_level=args.log_level,
-        demo_models=args.demo_models,
-        demo_dir=args.demo_dir,
-        advertise_host=args.advertise_address,
-    )
+    try:
+        settings = MeshSettings.from_env(
+            os.environ,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            runtime_capacity_bytes=args.capacity,
+            runtime_endpoint=args.runtime_endpoint,
+            runtime_mode=args.runtime,
+            kv_store=args.etcd and f"etcd:{args.etcd}",
+            instance_id=args.instance_id,
+            log_level=args.log_level,
+            demo_models=args.demo_models,
+            demo_dir=args.demo_dir,
+            advertise_host=args.advertise_address,
+        )
+    except ValueError as err:
+        raise SettingsError(err) from err
     return run_mesh(settings)
 
 
@@ -42,15 +49,18 @@ def _runtime(args: argparse.Namespace) -> int:
     from modelmesh.runtime.onnx.server import run_runtime
     from modelmesh.settings import RuntimeSettings
 
-    settings = RuntimeSettings.from_env(
-        os.environ,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        socket_path=args.socket_path,
-        capacity_bytes=args.capacity,
-        max_loading_concurrency=args.max_loading_concurrency,
-        log_level=args.log_level,
-    )
+    try:
+        settings = RuntimeSettings.from_env(
+            os.environ,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            socket_path=args.socket_path,
+            capacity_bytes=args.capacity,
+            max_loading_concurrency=args.max_loading_concurrency,
+            log_level=args.log_level,
+        )
+    except ValueError as err:
+        raise SettingsError(err) from err
     return run_runtime(settings)
 
 
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="use a running runtime instead of starting the built-in one "
                             "(INTERNAL_GRPC_PORT / INTERNAL_GRPC_SOCKET_PATH)")
     serve.add_argument("--runtime", choices=("process", "inprocess"),
-                       help="run the built-in runtime as a child process (default) or inside the pod's "
+                       help="run the built-in runtime inside the pod's process (default) or as a child "
                             "process (MM_RUNTIME_MODE)")
     serve.add_argument("--etcd", metavar="URL", help="etcd endpoint for cluster mode (KV_STORE=etcd:URL)")
     serve.add_argument("--instance-id", help="this pod's id (MM_INSTANCE_ID)")
@@ -105,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except SettingsError as err:
+        print(f"modelmesh: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -51,7 +51,13 @@ from modelmesh.placement.view import (
 )
 from modelmesh.rates import RateMeter
 from modelmesh.registry import Registry
-from modelmesh.routing import HOP_HEADER, RouteTarget, forwarded_metadata
+from modelmesh.routing import (
+    HOP_HEADER,
+    MODEL_METADATA_METHOD,
+    RouteTarget,
+    encode_string_field,
+    forwarded_metadata,
+)
 from modelmesh.runtime.base import Forwarder, Metadata, ModelRuntimeClient
 from modelmesh.types import (
     CopyStatus,
@@ -386,23 +392,34 @@ class Mesh:
         """Remove copies of pods that are gone from every model record (leader's chore)."""
         assert self.cluster is not None
         cluster = self.cluster
+        swept = await self._sweep_copies(lambda i: i != self.instance_id and not cluster.is_live(i))
+        if swept:
+            log.info("removed copies of departed pods from %d model records", swept)
+        return swept
 
-        def live_only(record: ModelRecord) -> ModelRecord | None:
-            dead = [i for i in record.copies if i != self.instance_id and not cluster.is_live(i)]
-            for i in dead:
+    async def forget_own_copies(self) -> int:
+        """At start the runtime holds nothing, whatever records say about this instance id from an
+        earlier life (a restarted pod keeps its name, so its id): take them out."""
+        swept = await self._sweep_copies(lambda i: i == self.instance_id and i not in self._copies)
+        if swept:
+            log.info("removed stale copies of this instance from %d model records", swept)
+        return swept
+
+    async def _sweep_copies(self, stale: Callable[[str], bool]) -> int:
+        def without_stale(record: ModelRecord) -> ModelRecord | None:
+            gone = [i for i in record.copies if stale(i)]
+            for i in gone:
                 del record.copies[i]
-            return record if dead else None
+            return record if gone else None
 
         swept = 0
         for model_id, record in self._registry.items():
-            if any(i != self.instance_id and not cluster.is_live(i) for i in record.copies):
+            if any(stale(i) for i in record.copies):
                 try:
-                    await self._registry.update(model_id, live_only)
+                    await self._registry.update(model_id, without_stale)
                     swept += 1
                 except ModelNotFound:
                     pass
-        if swept:
-            log.info("removed copies of departed pods from %d model records", swept)
         return swept
 
     async def invoke(
@@ -675,19 +692,33 @@ class Mesh:
             await asyncio.gather(drop, return_exceptions=True)
 
     async def ensure_loaded(self, model_id: str, *, sync: bool, last_used_ms: int = 0) -> ModelStatus:
+        """Make sure a copy exists somewhere, placed like a request's load would be."""
         if (await self._registry.get(model_id)) is None:
             raise ModelNotFound(f"model '{model_id}' not found")
         if sync:
             try:
-                copy = await self._ensure_local(model_id)
-                if last_used_ms:
-                    copy.last_used_ms = last_used_ms
+                await self._load_somewhere(model_id, last_used_ms)
             except ModelLoadFailed:
                 pass  # reported through the status below
+            except UpstreamError as err:
+                if err.code != "FAILED_PRECONDITION":
+                    raise
         else:
-            self._spawn(self._ensure_local(model_id), f"ensure:{model_id}")
+            self._spawn(self._load_somewhere(model_id, last_used_ms), f"ensure:{model_id}")
             await asyncio.sleep(0)  # let the load register itself so the status says LOADING
         return await self.status(model_id)
+
+    async def _load_somewhere(self, model_id: str, last_used_ms: int) -> None:
+        copy = self._copies.get(model_id)
+        if self.cluster is None or copy is not None or model_id in self._loads:
+            copy = await self._ensure_local(model_id)
+            if last_used_ms:
+                copy.last_used_ms = last_used_ms
+            return
+        # Through the request path, so placement (labels, space, pending loads) decides the pod;
+        # ModelMetadata makes that pod load the model and costs nothing more.
+        await self.route(RouteTarget(model_id, "model"), MODEL_METADATA_METHOD,
+                         encode_string_field(1, model_id), [], None)
 
     async def unload(self, model_id: str) -> None:
         """Unload the model here but keep it registered (repository unload)."""

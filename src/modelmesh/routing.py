@@ -22,6 +22,10 @@ MODEL_ID_HEADER = "mm-model-id"
 VMODEL_ID_HEADER = "mm-vmodel-id"
 # set on pod-to-pod hops so a forwarded request is served where it lands, never forwarded again
 HOP_HEADER = "mm-forwarded"
+# a cheap data-plane call that any KServe v2 runtime answers only with the model loaded: the mesh
+# sends it to load a model on the pod placement picks (ensureLoaded, repository load)
+MODEL_METADATA_METHOD = "/inference.GRPCInferenceService/ModelMetadata"
+
 # "true" from a client that spreads its own load: prefer the pod it called (ModelMesh's header)
 BALANCED_HEADER = "mm-balanced"
 
@@ -93,6 +97,18 @@ def forwarded_metadata(
     ]
     out.append((MODEL_ID_HEADER, model_id))
     return out
+
+
+def encode_string_field(field_number: int, value: str) -> bytes:
+    """A serialized message holding just one string field (e.g. ModelMetadataRequest.name)."""
+    raw = value.encode()
+    out = bytearray([(field_number << 3) | 2])
+    n = len(raw)
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + raw
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:

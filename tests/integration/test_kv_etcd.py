@@ -210,7 +210,8 @@ async def assert_all_unavailable(store: EtcdStore, endpoint: str) -> None:
     for name, (error, elapsed) in zip(calls, outcomes):
         assert isinstance(error, StoreUnavailable), (name, error)
         assert f"etcd at {endpoint} is unavailable" in str(error), (name, error)
-        assert elapsed < TIMEOUT_S + 0.5, f"{name} took {elapsed:.2f} s"
+        # bounded, not hung: the slack covers a loaded CI machine, not a second timeout
+        assert elapsed < TIMEOUT_S + 3, f"{name} took {elapsed:.2f} s"
 
 
 async def test_calls_while_etcd_is_stopped_fail_promptly(own_etcd: EtcdServer) -> None:

@@ -49,6 +49,7 @@ class InProcessPeer:
 class Pod:
     def __init__(self, instance_id, store, clock, pods):
         self.id = instance_id
+        self.store, self.clock = store, clock
         self.down = False
         self.runtime = FakeRuntime(capacity=10_000)
         self.registry = Registry(store, "mm/t")
@@ -190,3 +191,29 @@ async def test_the_leader_sweeps_copies_of_a_departed_pod(pods):
     await c.cluster.close()  # its lease goes, as when a pod dies and its TTL passes
     await until(lambda: "pod-c" not in (a.registry.cached("m").copies), "the sweep")
     assert await infer(a, "m") == b"x|m"
+
+
+async def test_a_restarted_pod_forgets_copies_recorded_by_its_earlier_life(pods):
+    a, b = pods["pod-a"], pods["pod-b"]
+    await register(a, "m")
+    await infer(b, "m", forwarded=True)
+    assert "pod-b" in a.registry.cached("m").copies
+    # pod-b restarts under the same id with an empty runtime
+    restarted = Pod("pod-b", b.store, b.clock, pods)
+    await restarted.registry.start()
+    restarted.mesh.start(await restarted.runtime.status())
+    assert await restarted.mesh.forget_own_copies() == 1
+    assert "pod-b" not in (await restarted.registry.get("m")).record.copies
+    await restarted.registry.close()
+    await restarted.mesh.close()
+
+
+async def test_ensure_loaded_places_like_a_request(pods):
+    a = pods["pod-a"]
+    for i in range(9):
+        await register(a, f"e{i}")
+    for i in range(9):
+        status = await a.mesh.ensure_loaded(f"e{i}", sync=True)
+        assert status.state.name == "LOADED"
+    counts = {p.id: len(p.runtime.loaded) for p in pods.values()}
+    assert sum(counts.values()) == 9 and max(counts.values()) <= 5, counts
