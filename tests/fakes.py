@@ -29,6 +29,8 @@ class FakeRuntime:
         self.invocations: list[tuple[str, str]] = []
         self.gate: asyncio.Event | None = None
         self.max_loaded_bytes = 0
+        # "load:<id>" / "unload:<id>" in the order the runtime saw them
+        self.events: list[str] = []
 
     async def status(self) -> RuntimeStatus:
         return RuntimeStatus(
@@ -38,6 +40,7 @@ class FakeRuntime:
 
     async def load_model(self, model_id: str, info: ModelInfo, timeout_s: float | None) -> LoadResult:
         self.load_calls.append(model_id)
+        self.events.append(f"load:{model_id}")
         if self.gate is not None:
             await self.gate.wait()
         await asyncio.sleep(0)
@@ -50,6 +53,7 @@ class FakeRuntime:
 
     async def unload_model(self, model_id: str) -> None:
         self.unload_calls.append(model_id)
+        self.events.append(f"unload:{model_id}")
         self.loaded.pop(model_id, None)
 
     async def predict_model_size(self, model_id: str, info: ModelInfo) -> int:
@@ -70,3 +74,29 @@ class FakeRuntime:
 
     async def close(self) -> None:
         pass
+
+
+class FlakyStore:
+    """A real MemoryStore whose writes fail with StoreUnavailable while ``down`` is set, as etcd's
+    would during an outage (reads keep working, as from a pod's watched view)."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.down = False
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    async def put(self, key, value, *, expected_revision=None, lease=0):
+        from modelmesh.errors import StoreUnavailable
+
+        if self.down:
+            raise StoreUnavailable("etcd at test is unavailable: connection refused")
+        return await self._inner.put(key, value, expected_revision=expected_revision, lease=lease)
+
+    async def get(self, key):
+        from modelmesh.errors import StoreUnavailable
+
+        if self.down:
+            raise StoreUnavailable("etcd at test is unavailable: connection refused")
+        return await self._inner.get(key)

@@ -149,6 +149,9 @@ class Mesh:
         self._status: RuntimeStatus | None = None
         self._load_slots = asyncio.Semaphore(1)
         self.capacity_bytes = 0
+        # running mean of predicted model sizes: the headroom kept free for the next load
+        self._typical_size = 0
+        self._headroom_task: asyncio.Task[object] | None = None
         registry.on_removed.append(self._on_model_removed)
         self._export_gauges()
 
@@ -521,20 +524,33 @@ class Mesh:
             queued = self._clock.monotonic()
             async with self._load_slots:
                 self._metrics.loading_queue_delay.observe((self._clock.monotonic() - queued) * 1000)
-                await self._registry.update(model_id, lambda r: _with_copy(r, self.instance_id, now))
+                # The copy goes into the model record while the runtime loads, not before: other
+                # pods see it within a store round trip either way, and the request does not wait
+                # for the write.
+                recorded = asyncio.create_task(self._registry.update(
+                    model_id, lambda r: _with_copy(r, self.instance_id, now)), name=f"record:{model_id}")
                 started = self._clock.monotonic()
                 try:
                     result = await self._runtime.load_model(
                         model_id, info, status.loading_timeout_ms / 1000
                     )
                 except ModelLoadFailed as err:
+                    await asyncio.gather(recorded, return_exceptions=True)
                     await self._record_failure(model_id, err.message)
                     raise ModelLoadFailed(f"model '{model_id}' failed to load: {err.message}") from err
                 except BaseException:
                     # cancelled or the runtime vanished mid-load: make sure nothing stays loaded
-                    self._spawn(self._unload(model_id, evicted=False), f"unload:{model_id}")
+                    self._spawn(self._unload_after(recorded, model_id), f"unload:{model_id}")
                     raise
                 self._metrics.load_model.observe((self._clock.monotonic() - started) * 1000)
+            try:
+                await recorded
+            except ModelNotFound:
+                await self._start_unload(model_id, evicted=False)  # unregistered while it loaded
+                raise
+            except MeshError as err:
+                # the store is down: serve anyway; the copy is recorded when the model is next loaded
+                log.warning("serving '%s' though its copy could not be recorded: %s", model_id, err)
             size = result.size_bytes or await self._runtime.model_size(model_id) or predicted
             copy.size_bytes = size
             copy.state = CopyState.LOADED
@@ -543,11 +559,19 @@ class Mesh:
             if size > predicted:
                 await self._settle_after_load(model_id, size)
             log.info("loaded '%s' (%d bytes)", model_id, size)
+            self._typical_size = (3 * self._typical_size + predicted) // 4 if self._typical_size else predicted
+            if self._headroom_task is None or self._headroom_task.done():
+                self._headroom_task = self._spawn(self._keep_headroom(), "headroom")
             return copy
         except BaseException:
             if self._copies.get(model_id) is copy:
                 del self._copies[model_id]
             raise
+
+    async def _unload_after(self, recorded: asyncio.Task[ModelRecord], model_id: str) -> None:
+        """Unload once the copy's record write is done, so its removal from the record wins."""
+        await asyncio.gather(recorded, return_exceptions=True)
+        await self._unload(model_id, evicted=False)
 
     async def _predict_size(self, model_id: str, info: ModelInfo, status: RuntimeStatus) -> int:
         try:
@@ -567,19 +591,39 @@ class Mesh:
         decision = choose_evictions(others, self.capacity_bytes, needed)
         if not decision.fits:
             raise CapacityExhausted(f"cannot load '{model_id}': {decision.reason}")
+        await self._evict(decision.victims, f"to make room for '{model_id}'")
+
+    async def _evict(self, victims: tuple[str, ...], why: str) -> None:
         # Removed from the table before any await, so a concurrent load sees the space as taken
         # by the model being loaded, and a new request for a victim starts a fresh load (which
         # waits for this unload first).
         now = self._clock.now_ms()
         unloads = []
-        for victim in decision.victims:
+        for victim in victims:
             evicted = self._copies.pop(victim)
             self._metrics.model_evicted.inc()
             self._metrics.age_at_eviction.observe(now - evicted.last_used_ms)
-            log.info("evicting '%s' (%d bytes) to make room for '%s'", victim, evicted.size_bytes, model_id)
+            log.info("evicting '%s' (%d bytes) %s", victim, evicted.size_bytes, why)
             unloads.append(self._start_unload(victim, evicted=True))
         if unloads:
             await asyncio.gather(*unloads, return_exceptions=True)
+
+    async def _keep_headroom(self) -> None:
+        """Keep room for about one more model free, evicting least recently used idle models in
+        the background, so the next cold request loads at once instead of waiting for unloads (as
+        ModelMesh treats a pod as full below one or two model sizes of free space). The headroom is
+        the typical predicted size, at most a tenth of the capacity so small caches stay useful."""
+        target = min(self._typical_size, self.capacity_bytes // 10)
+        if target <= 0 or self.capacity_bytes - self.used_bytes() >= target:
+            return
+        cache = [
+            CachedModel(c.model_id, c.size_bytes, c.last_used_ms,
+                        busy=c.state is CopyState.LOADING or c.in_flight > 0)
+            for c in self._copies.values()
+        ]
+        decision = choose_evictions(cache, self.capacity_bytes, target)
+        if decision.fits and decision.victims:
+            await self._evict(decision.victims, "to keep room for the next load")
 
     async def _settle_after_load(self, model_id: str, size: int) -> None:
         """The model turned out larger than predicted: evict more, or give it up if it cannot fit."""

@@ -249,3 +249,43 @@ async def test_model_record_lists_the_copy(parts):
     await infer(mesh, "m")
     record = mesh._registry.cached("m")
     assert list(record.copies) == ["pod-a"]
+
+
+async def test_room_is_kept_for_the_next_load_in_the_background(parts):
+    mesh, runtime, clock, metrics = parts
+    for i in range(12):
+        runtime.sizes[f"/m/h{i}"] = runtime.predicted[f"/m/h{i}"] = 90
+        await register(mesh, f"h{i}")
+    for i in range(11):
+        await infer(mesh, f"h{i}")
+        clock.advance(1)
+    await asyncio.sleep(0.01)  # the headroom eviction runs after the load, off the request path
+    assert "h0" not in runtime.loaded and len(runtime.loaded) == 10
+    assert mesh.capacity_bytes - mesh.used_bytes() >= 90
+    before = len(runtime.events)
+    await infer(mesh, "h11")
+    # its room was free: the runtime loaded it first thing, no unload in front of it
+    assert runtime.events[before] == "load:h11"
+    assert runtime.max_loaded_bytes <= 1000
+
+
+async def test_a_store_outage_does_not_stop_a_load_from_serving():
+    from tests.fakes import FlakyStore
+
+    clock = FakeClock()
+    store = FlakyStore(MemoryStore(clock))
+    registry = Registry(store, "mm/test")
+    await registry.start()
+    runtime = FakeRuntime(capacity=1000)
+    mesh = Mesh(instance_id="pod-a", registry=registry, runtime=runtime,
+                metrics=MeshMetrics(CollectorRegistry()), clock=clock, load_failure_expiry_ms=EXPIRY_MS)
+    mesh.start(await runtime.status())
+    try:
+        await register(mesh, "m")
+        store.down = True
+        assert await infer(mesh, "m") == b"req|m"
+        assert runtime.loaded == {"m": 100}
+    finally:
+        await mesh.close()
+        await registry.close()
+        await store.close()
