@@ -1,9 +1,48 @@
-"""Which loaded models to unload so a new one fits."""
+"""Which loaded models to unload so a new one fits, and when a full pod should refuse to load at all.
+
+Eviction order is least recently used, weighted by use. Each idle model gets an *eviction score*,
+a last-use time moved later by a credit for its traffic, and the lowest score goes first::
+
+    score = last_used_ms + USE_CREDIT_MS * log2(1 + request_rate_rpm)
+
+``request_rate_rpm`` is the copy's rate over the last minute (``placement.copies.RateWindow``), so
+the credit fades a minute after the traffic stops and an unused model falls back to plain LRU.
+Every doubling of the rate is worth another minute of recency: a model used every 5 s (12 rpm,
+credit 3.7 min) outlives a model used once (1 rpm, credit 1 min) that happened to be used a few
+seconds later, and among models with no traffic the order is exactly LRU. The logarithm keeps a
+model at 2,000 rpm from being worth hours (11 min), so a hot model that goes quiet leaves in
+minutes, not never.
+
+A model whose eviction would leave it below its minimum number of copies (``min_copies_pinned``)
+is never a victim, like a busy one.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "CHURN_FACTOR",
+    "CHURN_MIN_MS",
+    "USE_CREDIT_MS",
+    "CachedModel",
+    "EvictionDecision",
+    "choose_evictions",
+    "churn_guard",
+    "churn_threshold_ms",
+    "eviction_key",
+    "eviction_score",
+]
+
+# recency credit per doubling of a copy's request rate (see the module docstring)
+USE_CREDIT_MS: Final = 60_000
+# churn guard: a full pod refuses loads while its oldest entry is younger than
+# CHURN_FACTOR x max(CHURN_MIN_MS, load timeout / 3) (ModelMesh's rule)
+CHURN_FACTOR: Final = 10
+CHURN_MIN_MS: Final = 3_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +54,11 @@ class CachedModel:
     last_used_ms: int
     # loading, or serving requests right now: never evicted
     busy: bool = False
+    # requests per minute to this copy over the last minute; 0 (unknown or unused) means plain LRU
+    request_rate_rpm: float = 0.0
+    # evicting this copy would take the model below its minimum copies, or off the last pod it is
+    # pinned to: never evicted
+    min_copies_pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,16 +68,30 @@ class EvictionDecision:
     reason: str
 
 
+def eviction_score(entry: CachedModel) -> float:
+    """The entry's last use, moved later by the credit for its traffic; the lowest goes first."""
+    if entry.request_rate_rpm <= 0:
+        return float(entry.last_used_ms)
+    return entry.last_used_ms + USE_CREDIT_MS * math.log2(1.0 + entry.request_rate_rpm)
+
+
+def eviction_key(entry: CachedModel) -> tuple[float, str]:
+    """The eviction order, first victim first: score, then id so the choice is deterministic.
+    Callers that keep their cache in this order (a heap) can hand :func:`choose_evictions` only
+    its head and get the same victims."""
+    return eviction_score(entry), entry.model_id
+
+
 def choose_evictions(
     cache: Iterable[CachedModel], capacity_bytes: int, needed_bytes: int
 ) -> EvictionDecision:
-    """Pick the least recently used idle models whose removal makes room for ``needed_bytes``.
+    """Pick the idle models with the lowest eviction score whose removal makes room for ``needed_bytes``.
 
     ``cache`` holds everything that takes space now, busy or not (a loading model weighs its
-    predicted size). Victims are taken oldest first (ties by id, so the choice is deterministic)
-    until the free space covers the need; busy models are skipped. When even evicting every idle
-    model leaves too little room, nothing is evicted: a partial eviction would only destroy warm
-    models without letting the new one in.
+    predicted size). Victims are taken in :func:`eviction_key` order (plain least recently used
+    when no entry has a request rate) until the free space covers the need; busy and pinned
+    models are skipped. When even evicting every other model leaves too little room, nothing is
+    evicted: a partial eviction would only destroy warm models without letting the new one in.
     """
     entries = list(cache)
     used = sum(e.size_bytes for e in entries)
@@ -45,19 +103,48 @@ def choose_evictions(
             False, (),
             f"needs {needed_bytes} bytes, more than the runtime's whole capacity of {capacity_bytes}",
         )
-    idle = sorted((e for e in entries if not e.busy), key=lambda e: (e.last_used_ms, e.model_id))
+    idle = sorted((e for e in entries if not e.busy and not e.min_copies_pinned), key=eviction_key)
+    weighted = any(e.request_rate_rpm > 0 for e in idle)
     victims: list[str] = []
     for entry in idle:
         victims.append(entry.model_id)
         free += entry.size_bytes
         if needed_bytes <= free:
+            order = "least recently used, weighted by use," if weighted else "least recently used"
             return EvictionDecision(
-                True, tuple(victims),
-                f"evict {len(victims)} least recently used to free {needed_bytes} bytes",
+                True, tuple(victims), f"evict {len(victims)} {order} to free {needed_bytes} bytes",
             )
     busy_bytes = sum(e.size_bytes for e in entries if e.busy)
+    pinned_bytes = sum(e.size_bytes for e in entries if e.min_copies_pinned and not e.busy)
+    pinned = f" and {pinned_bytes} by models at their minimum copies" if pinned_bytes else ""
     return EvictionDecision(
         False, (),
-        f"needs {needed_bytes} bytes; {capacity_bytes - used} free and {busy_bytes} held by models "
-        f"that are loading or serving requests",
+        f"needs {needed_bytes} bytes; {capacity_bytes - used} free, {busy_bytes} held by models "
+        f"that are loading or serving requests{pinned}",
+    )
+
+
+def churn_threshold_ms(load_timeout_ms: int) -> int:
+    """How young a full pod's oldest entry may be before it refuses loads: 10 x max(3 s, timeout / 3)."""
+    return CHURN_FACTOR * max(CHURN_MIN_MS, load_timeout_ms // 3)
+
+
+def churn_guard(oldest_last_used_ms: int, now_ms: int, load_timeout_ms: int, full: bool) -> str | None:
+    """Why a load must be refused to stop a full pod from thrashing, or ``None`` to go ahead.
+
+    A full pod whose first eviction victim was used less than :func:`churn_threshold_ms` ago
+    would unload something still in use to load something else, and the next request for the
+    victim would do the reverse: an endless load/evict cycle. Refusing (the mesh answers
+    RESOURCE_EXHAUSTED with this reason) sheds the excess instead. ``oldest_last_used_ms`` is the
+    last use of the entry that would be evicted first; 0 or less (nothing cached) never refuses.
+    """
+    if not full or oldest_last_used_ms <= 0:
+        return None
+    threshold = churn_threshold_ms(load_timeout_ms)
+    age = now_ms - oldest_last_used_ms
+    if age >= threshold:
+        return None
+    return (
+        f"cache churn threshold exceeded: the pod is full and its oldest model was used "
+        f"{age / 1000:.1f} s ago, under the {threshold / 1000:.0f} s a load may displace"
     )

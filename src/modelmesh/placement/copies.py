@@ -1,0 +1,380 @@
+"""How many copies of a model to keep, which copies to remove, and where to add new ones.
+
+ModelMesh's copy rules (``MODELMESH-NOTES.md``, "Copies"), kept where they are good and simplified
+where they are baroque. All of it is pure: snapshots and the time in, a decision with a reason out.
+
+**Rate tracking** (:class:`RateWindow`). Each copy counts its requests in 10-second periods and
+keeps the last six complete ones (a minute). Its rate is the *larger* of the last complete period
+and the mean of the kept ones, both in requests per minute: up fast (a burst shows at full
+strength at the end of its first complete period), down slow (a quiet period does not hide a
+minute of traffic). A model's rate is the sum over its copies.
+
+**How many copies** (:func:`copy_targets`), run every period for each model in use:
+
+1. **Load on every pod** (``all_pods``): as many copies as eligible pods.
+2. **Minimum copies** (``min_copies``): at least that many, at most the eligible pods.
+3. **Regular use**: a model with a copy, used in the last two minutes and also 7 to 40 minutes
+   ago (:class:`UseHistory`), keeps a second copy for resilience, unless the cluster is more than
+   90% full.
+4. **Scale-up**: when the copies carry more than ``threshold_rpm`` each on average, the model
+   gets ``ceil(total rpm / threshold_rpm)`` copies, at most a third of the eligible pods (at least
+   one). All missing copies are added in one step, so a model at 4x the threshold has its four
+   copies at the end of its first complete period of that traffic: within two periods of the
+   burst's start, wherever in a period it started.
+5. **Scale-down**, one copy per model per run, only when all of these hold: the cluster is at
+   least 95% full (space is needed; otherwise a spare copy costs nothing and adds resilience), the
+   copies left would each carry less than 2/3 of the threshold (so the removal cannot trigger
+   rule 4 again), the copies have not changed for :data:`COOL_DOWN_MS`, and rules 1-3 do not
+   need the copy. Never below one copy: removing the last copy is eviction's business.
+
+The target never exceeds the eligible pods. Simplified from ModelMesh: no separate "two to one
+after hours unused" rule (rule 5 and eviction cover it), and one step per model per run instead of
+"at most 5% of a pod per run".
+
+**Which copies go** (:func:`choose_copies_to_remove`): copies on pods that lack the model's pin
+labels first, then the least busy (lowest rate: its traffic is the cheapest to move), never the last
+copy, never below the minimum, never the last copy on a pinned pod.
+
+**Where new copies go** (:func:`choose_new_copy_pods`): ``placement.load.choose_load_target`` once
+per copy, the current holders and the pods already chosen excluded, each choice counted as a
+pending load for the next (so two copies never land on the same near-best pod). For a model in use
+its load filter keeps only pods within 1.1x of the quietest: new copies go to the least busy pods.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+from modelmesh.placement.load import choose_load_target, project_pending
+from modelmesh.placement.view import ClusterView, ModelView, PendingLoad
+
+__all__ = [
+    "COOL_DOWN_MS",
+    "RATE_PERIODS",
+    "RATE_PERIOD_MS",
+    "REGULAR_PRIOR_MAX_MIN",
+    "REGULAR_PRIOR_MIN_MIN",
+    "REGULAR_RECENT_MIN",
+    "SCALE_DOWN_FULLNESS",
+    "SCALE_DOWN_SHARE",
+    "SCALE_UP_CLUSTER_SHARE",
+    "SECOND_COPY_MAX_FULLNESS",
+    "CopyDecision",
+    "CopyModelView",
+    "CopyPlacement",
+    "HeldCopy",
+    "RateWindow",
+    "RemovalDecision",
+    "UseHistory",
+    "choose_copies_to_remove",
+    "choose_new_copy_pods",
+    "copy_targets",
+]
+
+# rate tracking: six 10-second periods make the one-minute window
+RATE_PERIOD_MS: Final = 10_000
+RATE_PERIODS: Final = 6
+_PERIODS_PER_MINUTE: Final = 60_000 / RATE_PERIOD_MS
+# regular use: used within the last 2 minutes, and also between 7 and 40 minutes ago
+REGULAR_RECENT_MIN: Final = 1
+REGULAR_PRIOR_MIN_MIN: Final = 7
+REGULAR_PRIOR_MAX_MIN: Final = 40
+SECOND_COPY_MAX_FULLNESS: Final = 0.90
+# scale-up: at most this share of the eligible pods
+SCALE_UP_CLUSTER_SHARE: Final = 3
+# scale-down: only this full, only below this share of the threshold per remaining copy
+SCALE_DOWN_FULLNESS: Final = 0.95
+SCALE_DOWN_SHARE: Final = 2 / 3
+# scale-down: copies unchanged for this long
+COOL_DOWN_MS: Final = 3 * 60_000
+
+_MINUTE_MS: Final = 60_000
+_HISTORY_MINUTES: Final = 64
+_HISTORY_MASK: Final = (1 << _HISTORY_MINUTES) - 1
+
+
+# --- rate tracking ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RateWindow:
+    """One copy's requests in 10-second periods: the period being counted and the last six done.
+
+    Immutable: :meth:`add` and :meth:`advanced` return a new window. ``period`` is
+    ``now_ms // RATE_PERIOD_MS`` of the period being counted (-1 before the first request).
+    """
+
+    period: int = -1
+    count: int = 0
+    # complete periods, oldest first, at most RATE_PERIODS
+    done: tuple[int, ...] = ()
+
+    def advanced(self, now_ms: int) -> RateWindow:
+        """The window at ``now_ms``: periods that ended since are closed (empty ones as zeros)."""
+        period = now_ms // RATE_PERIOD_MS
+        if self.period < 0:
+            return RateWindow(period, 0, ())
+        if period <= self.period:
+            return self
+        empty = min(period - self.period - 1, RATE_PERIODS)
+        done = (*self.done, self.count, *([0] * empty))
+        return RateWindow(period, 0, done[-RATE_PERIODS:])
+
+    def add(self, now_ms: int, n: int = 1) -> RateWindow:
+        """``n`` requests at ``now_ms`` (not earlier than the last ones)."""
+        w = self.advanced(now_ms)
+        return RateWindow(w.period, w.count + n, w.done)
+
+    def rpm(self, now_ms: int) -> float:
+        """Requests per minute at ``now_ms``: the larger of the last complete period and the mean of
+        the complete periods kept, both scaled to a minute; 0 before the first period completes."""
+        done = self.advanced(now_ms).done
+        if not done:
+            return 0.0
+        return max(done[-1], sum(done) / len(done)) * _PERIODS_PER_MINUTE
+
+    def idle(self, now_ms: int) -> bool:
+        """Nothing counted in the whole window: the caller may drop it."""
+        w = self.advanced(now_ms)
+        return w.count == 0 and not any(w.done)
+
+
+@dataclass(frozen=True, slots=True)
+class UseHistory:
+    """Which of the last 64 minutes saw a use of a model: bit ``i`` of ``bits`` is the minute ``i``
+    minutes before ``minute`` (``now_ms // 60_000`` of the latest record)."""
+
+    minute: int = 0
+    bits: int = 0
+
+    def _bits_at(self, minute: int) -> int:
+        shift = minute - self.minute
+        if shift <= 0:
+            return self.bits
+        if shift >= _HISTORY_MINUTES:
+            return 0
+        return (self.bits << shift) & _HISTORY_MASK
+
+    def record(self, now_ms: int) -> UseHistory:
+        """The history with a use at ``now_ms``."""
+        used = now_ms // _MINUTE_MS
+        minute = max(used, self.minute)
+        bits = self._bits_at(minute)
+        if minute - used < _HISTORY_MINUTES:
+            bits |= 1 << (minute - used)
+        return UseHistory(minute, bits)
+
+    def used_between(self, now_ms: int, newest_min: int, oldest_min: int) -> bool:
+        """Whether the model was used in a minute between ``newest_min`` and ``oldest_min`` minutes
+        before the minute of ``now_ms`` (both included; 0 is the current minute)."""
+        if oldest_min < newest_min or newest_min >= _HISTORY_MINUTES:
+            return False
+        bits = self._bits_at(now_ms // _MINUTE_MS)
+        span = ((1 << (oldest_min - newest_min + 1)) - 1) << newest_min
+        return bool(bits & span)
+
+    def regular(self, now_ms: int) -> bool:
+        """Used in the last two minutes and also 7 to 40 minutes ago (rule 3)."""
+        return self.used_between(now_ms, 0, REGULAR_RECENT_MIN) and self.used_between(
+            now_ms, REGULAR_PRIOR_MIN_MIN, REGULAR_PRIOR_MAX_MIN
+        )
+
+
+# --- how many copies ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CopyModelView:
+    """One model as the copy rules see it."""
+
+    model_id: str
+    # copies loaded or loading now
+    copies: int
+    # all copies together: the sum of their RateWindow.rpm
+    total_rpm: float = 0.0
+    history: UseHistory = UseHistory()
+    # set at registration: keep at least this many copies; or one on every eligible pod
+    min_copies: int = 0
+    all_pods: bool = False
+    # when a copy was last added or removed by these rules (0: never)
+    copies_changed_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CopyDecision:
+    """How many copies the model should have (compare with ``CopyModelView.copies``), and why."""
+
+    target_copies: int
+    reason: str
+
+
+def copy_targets(
+    model: CopyModelView,
+    *,
+    now_ms: int,
+    threshold_rpm: float,
+    cluster_fullness: float,
+    cluster_size: int,
+) -> CopyDecision:
+    """The number of copies ``model`` should have now; the rules are in the module docstring.
+
+    ``cluster_size`` counts the pods eligible for the model (its type's required labels and its
+    pin labels); ``cluster_fullness`` is used / capacity over the cluster (0..1);
+    ``threshold_rpm`` is ``MM_SCALEUP_RPM_THRESHOLD``.
+    """
+    if threshold_rpm <= 0:
+        raise ValueError(f"threshold_rpm must be positive, got {threshold_rpm}")
+    have = model.copies
+    if cluster_size <= 0:
+        return CopyDecision(have, "no eligible pods")
+    rpm = model.total_rpm
+    target, why = have, f"{have} cop{'y' if have == 1 else 'ies'} at {rpm:.0f} rpm"
+
+    if model.all_pods:
+        floor, floor_why = cluster_size, "loaded on every pod"
+    else:
+        floor = min(model.min_copies, cluster_size)
+        floor_why = f"minimum {model.min_copies} copies"
+    if floor > target:
+        target, why = floor, floor_why
+
+    regular = have >= 1 and model.history.regular(now_ms)
+    if regular and cluster_fullness <= SECOND_COPY_MAX_FULLNESS and target < 2:
+        target, why = 2, "used regularly: a second copy for resilience"
+
+    if rpm > threshold_rpm * max(have, 1):
+        cap = max(1, cluster_size // SCALE_UP_CLUSTER_SHARE)
+        wanted = min(math.ceil(rpm / threshold_rpm), cap)
+        if wanted > target:
+            capped = " (a third of the cluster)" if wanted == cap else ""
+            target, why = wanted, f"{rpm:.0f} rpm over {have} copies, above {threshold_rpm:.0f} per copy{capped}"
+
+    if target > cluster_size:
+        target, why = cluster_size, f"{why}, limited to the {cluster_size} eligible pods"
+    if target != have:
+        return CopyDecision(target, why)
+
+    keep = max(1, floor)
+    if have > keep:
+        left_rpm = rpm / (have - 1)
+        bar = SCALE_DOWN_SHARE * threshold_rpm
+        if cluster_fullness < SCALE_DOWN_FULLNESS:
+            why += f"; spare copies kept, cluster {cluster_fullness:.0%} full"
+        elif left_rpm >= bar:
+            why += f"; {have - 1} copies would carry {left_rpm:.0f} rpm each, not under {bar:.0f}"
+        elif now_ms - model.copies_changed_ms < COOL_DOWN_MS:
+            why += "; copies changed less than the cool-down ago"
+        else:
+            return CopyDecision(
+                have - 1,
+                f"{rpm:.0f} rpm fits {have - 1} copies under {bar:.0f} each and the cluster is "
+                f"{cluster_fullness:.0%} full: one copy fewer",
+            )
+    return CopyDecision(have, why)
+
+
+# --- which copies go ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HeldCopy:
+    """One copy of a model, as removal sees it."""
+
+    instance_id: str
+    # this copy's requests per minute (its RateWindow)
+    request_rate_rpm: float = 0.0
+    in_flight: int = 0
+    # the labels of the pod holding it
+    labels: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RemovalDecision:
+    instance_ids: tuple[str, ...]
+    reason: str
+
+
+def choose_copies_to_remove(
+    copies: Sequence[HeldCopy],
+    count: int,
+    *,
+    min_copies: int = 1,
+    pin_labels: frozenset[str] = frozenset(),
+) -> RemovalDecision:
+    """Up to ``count`` copies to remove: those on pods lacking ``pin_labels`` first, then the least
+    busy (lowest rate, then fewest in flight, then instance id).
+
+    Never the last copy, never below ``min_copies``, and never the last copy on a pod that has
+    all of ``pin_labels`` while such a copy exists.
+    """
+    keep = max(1, min_copies)
+    allowed = min(count, len(copies) - keep)
+    if allowed <= 0:
+        return RemovalDecision((), f"{len(copies)} copies, at least {keep} kept")
+
+    def pinned(c: HeldCopy) -> bool:
+        return pin_labels <= c.labels
+
+    pinned_left = sum(1 for c in copies if pinned(c))
+    order = sorted(copies, key=lambda c: (pinned(c), c.request_rate_rpm, c.in_flight, c.instance_id))
+    chosen: list[str] = []
+    for c in order:
+        if len(chosen) == allowed:
+            break
+        if pin_labels and pinned(c):
+            if pinned_left <= 1:
+                continue
+            pinned_left -= 1
+        chosen.append(c.instance_id)
+    if not chosen:
+        return RemovalDecision((), "only the last copy on a pinned pod is removable")
+    return RemovalDecision(
+        tuple(chosen), f"remove {len(chosen)} least busy of {len(copies)} copies (keeping at least {keep})"
+    )
+
+
+# --- where new copies go ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CopyPlacement:
+    """Pods for new copies, best first; fewer than asked (or none) when no more pods qualify."""
+
+    instance_ids: tuple[str, ...]
+    reason: str
+
+
+def choose_new_copy_pods(
+    view: ClusterView,
+    model: ModelView,
+    count: int,
+    *,
+    now_ms: int,
+    rng: random.Random,
+    required_labels: frozenset[str] = frozenset(),
+    exclude: Iterable[str] = (),
+) -> CopyPlacement:
+    """Pods for ``count`` new copies of ``model``, one ``choose_load_target`` call each.
+
+    ``model.holders`` (its current copies) are excluded by ``choose_load_target`` itself; pods
+    chosen here join them for the next pick and count as a pending load (size, model, loading
+    slot) on the view, so the picks spread. Pods lacking ``required_labels`` (the model's pin
+    labels) or in ``exclude`` are never chosen. Pass a view with the caller's pending loads
+    already projected.
+    """
+    excluded = set(exclude)
+    excluded.update(i.instance_id for i in view.instances if not required_labels <= i.labels)
+    chosen: list[str] = []
+    reasons: list[str] = []
+    current = view
+    size = model.predicted_size_bytes if model.predicted_size_bytes > 0 else view.default_model_size_bytes
+    for _ in range(max(0, count)):
+        placing = replace(model, holders=model.holders | frozenset(chosen))
+        decision = choose_load_target(current, placing, now_ms=now_ms, rng=rng, exclude=excluded)
+        if decision.instance_id is None:
+            reasons.append(f"no pod for copy {len(chosen) + 1}: {decision.reason}")
+            break
+        chosen.append(decision.instance_id)
+        reasons.append(f"{decision.instance_id}: {decision.reason}")
+        current = project_pending(current, {decision.instance_id: [PendingLoad(model.model_id, size, now_ms)]})
+    return CopyPlacement(tuple(chosen), "; ".join(reasons) if reasons else "no copies asked")

@@ -1,0 +1,109 @@
+"""Eviction weighted by use, pinned minimum copies, and the churn guard."""
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelmesh.placement.eviction import (
+    USE_CREDIT_MS,
+    CachedModel,
+    choose_evictions,
+    churn_guard,
+    churn_threshold_ms,
+    eviction_key,
+    eviction_score,
+)
+
+NOW = 1_700_000_000_000
+S = 1000
+
+
+def m(mid, size=10, used_ago_s=0.0, rpm=0.0, busy=False, pinned=False):
+    return CachedModel(mid, size, NOW - int(used_ago_s * S), busy, rpm, pinned)
+
+
+def test_a_model_used_every_few_seconds_outlives_a_once_used_more_recent_one():
+    every_5s = m("steady", used_ago_s=4, rpm=12)
+    once = m("once", used_ago_s=1, rpm=1)
+    d = choose_evictions([every_5s, once], 20, 10)
+    assert d.victims == ("once",) and "weighted by use" in d.reason
+
+
+def test_each_doubling_of_the_rate_is_worth_a_minute():
+    assert eviction_score(m("a", rpm=1)) - eviction_score(m("b")) == USE_CREDIT_MS
+    assert math.isclose(eviction_score(m("a", rpm=3)) - eviction_score(m("b", rpm=1)), USE_CREDIT_MS)
+
+
+def test_a_hot_model_gone_quiet_falls_back_to_lru():
+    # the credit comes from the last minute's rate: once that is 0, recency alone decides
+    was_hot, recent = m("was-hot", used_ago_s=120, rpm=0), m("recent", used_ago_s=60)
+    assert choose_evictions([was_hot, recent], 20, 10).victims == ("was-hot",)
+
+
+def test_a_very_hot_model_is_worth_minutes_not_hours():
+    hot = m("hot", used_ago_s=15 * 60, rpm=2000)
+    idle = m("idle", used_ago_s=60)
+    assert choose_evictions([hot, idle], 20, 10).victims == ("hot",)
+
+
+def test_pinned_models_are_never_evicted():
+    cache = [m("pinned-old", used_ago_s=999, pinned=True), m("idle", used_ago_s=1)]
+    assert choose_evictions(cache, 20, 10).victims == ("idle",)
+    d = choose_evictions([m("pinned", size=15, pinned=True), m("idle", size=5)], 20, 10)
+    assert not d.fits and d.victims == () and "minimum copies" in d.reason
+
+
+def test_churn_guard_refuses_a_full_pod_with_a_young_oldest_entry():
+    # 10 x max(3 s, 240 s / 3) = 800 s
+    assert churn_threshold_ms(240_000) == 800_000
+    assert churn_threshold_ms(1_000) == 30_000
+    reason = churn_guard(NOW - 100 * S, NOW, 240_000, full=True)
+    assert reason is not None and reason.startswith("cache churn threshold exceeded")
+    assert churn_guard(NOW - 800 * S, NOW, 240_000, full=True) is None
+    assert churn_guard(NOW - 100 * S, NOW, 240_000, full=False) is None
+    assert churn_guard(0, NOW, 240_000, full=True) is None
+
+
+entries = st.lists(
+    st.builds(
+        CachedModel, st.text(min_size=1, max_size=4), st.integers(1, 50), st.integers(0, 10**6),
+        st.booleans(), st.sampled_from([0.0, 0.5, 1.0, 12.0, 2000.0]), st.booleans(),
+    ),
+    max_size=12, unique_by=lambda e: e.model_id,
+)
+
+
+@given(entries, st.integers(1, 400))
+def test_weighted_invariants(cache, needed):
+    capacity = 300
+    used = sum(e.size_bytes for e in cache)
+    d = choose_evictions(cache, capacity, needed)
+    by_id = {e.model_id: e for e in cache}
+    assert all(not by_id[v].busy and not by_id[v].min_copies_pinned for v in d.victims)
+    freed = sum(by_id[v].size_bytes for v in d.victims)
+    if d.fits:
+        assert capacity - used + freed >= needed
+        idle = sorted((e for e in cache if not e.busy and not e.min_copies_pinned), key=eviction_key)
+        assert list(d.victims) == [e.model_id for e in idle[: len(d.victims)]]
+    else:
+        assert d.victims == ()
+    assert choose_evictions(cache, capacity, needed) == d
+
+
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=4), st.integers(1, 50), st.integers(0, 10**6)),
+                max_size=12, unique_by=lambda t: t[0]), st.integers(1, 400))
+def test_default_fields_give_pure_lru(raw, needed):
+    cache = [CachedModel(mid, size, used) for mid, size, used in raw]
+    d = choose_evictions(cache, 300, needed)
+    lru = sorted(cache, key=lambda e: (e.last_used_ms, e.model_id))
+    assert list(d.victims) == [e.model_id for e in lru[: len(d.victims)]]
+
+
+def test_a_head_of_the_cache_gives_the_same_victims_as_the_whole():
+    # what loadtest.sim relies on: the lowest-key entries plus the rest as one busy block decide alike
+    cache = [m(f"m{i}", size=5 + i % 7, used_ago_s=i * 3 % 50, rpm=float(i % 4) * 3) for i in range(40)]
+    full = choose_evictions(cache, 300, 30)
+    head = sorted(cache, key=eviction_key)[:8]
+    rest = CachedModel("rest", sum(e.size_bytes for e in cache) - sum(e.size_bytes for e in head), 0, busy=True)
+    assert choose_evictions([*head, rest], 300, 30).victims == full.victims
