@@ -1,6 +1,7 @@
 """Operator commands against a running mesh pod: ``modelmesh models ...``.
 
     modelmesh models register ID --type T --path P [--key K] [--load-now] [--sync]
+                              [--min-copies N] [--all-pods] [--pin LABEL ...]
     modelmesh models status ID
     modelmesh models unregister ID
     modelmesh models load ID [--sync]
@@ -388,14 +389,22 @@ def _status_from_wire(info: model_mesh_pb2.ModelStatusInfo) -> ModelStatus:
 
 
 def _register_request(
-    entry: ModelEntry, *, load_now: bool, sync: bool = False
+    entry: ModelEntry, *, load_now: bool, sync: bool = False, min_copies: int = 0, all_pods: bool = False,
+    pin: Sequence[str] = (),
 ) -> model_mesh_pb2.RegisterModelRequest:
-    return model_mesh_pb2.RegisterModelRequest(
+    request = model_mesh_pb2.RegisterModelRequest(
         modelId=entry.model_id,
         modelInfo=model_mesh_pb2.ModelInfo(type=entry.model_type, path=entry.path, key=entry.key),
         loadNow=load_now,
         sync=sync,
     )
+    if min_copies or all_pods or pin:
+        # our extension of the API; left unset otherwise, so the request is byte-for-byte
+        # what a KServe ModelMesh client sends
+        request.placement.minCopies = min_copies
+        request.placement.allPods = all_pods
+        request.placement.requiredLabels.extend(pin)
+    return request
 
 
 def _is_reached(channel: grpc.aio.Channel) -> bool:
@@ -412,7 +421,8 @@ async def _cmd_register(channel: grpc.aio.Channel, args: argparse.Namespace) -> 
     entry = ModelEntry(args.model_id, args.type, absolute_model_path(args.path), args.key or "")
     # --sync only means something with loadNow, so it implies it rather than being silently ignored.
     load_now = args.load_now or args.sync
-    request = _register_request(entry, load_now=load_now, sync=args.sync)
+    request = _register_request(entry, load_now=load_now, sync=args.sync, min_copies=args.min_copies,
+                                all_pods=args.all_pods, pin=args.pin or ())
     reply = await model_mesh_pb2_grpc.ModelMeshStub(channel).registerModel(request, timeout=args.timeout)
     status = _status_from_wire(reply)
     print(format_status(args.model_id, status))
@@ -622,6 +632,11 @@ def add_models_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     register.add_argument("--path", required=True, metavar="PATH", help=path_help)
     register.add_argument("--key", help="opaque key passed to the runtime with the model")
     register.add_argument("--load-now", action="store_true", help="start loading it right away")
+    register.add_argument("--min-copies", type=int, default=0, metavar="N",
+                          help="keep at least N copies loaded, on different pods")
+    register.add_argument("--all-pods", action="store_true", help="keep a copy on every pod that may hold it")
+    register.add_argument("--pin", action="append", metavar="LABEL",
+                          help="only pods with this label (MM_LABELS) may hold it; repeatable")
     register.add_argument(
         "--sync", action="store_true", help="wait until the load has finished (implies --load-now); exit 1 if it failed"
     )

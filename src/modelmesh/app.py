@@ -35,6 +35,7 @@ from modelmesh.placement.load import parse_type_constraints
 from modelmesh.registry import Registry
 from modelmesh.runtime.grpc_client import GrpcRuntimeClient, PeerClient
 from modelmesh.runtime.inprocess import InProcessRuntime
+from modelmesh.scaling import CopyKeeper
 from modelmesh.settings import MeshSettings, RuntimeSettings
 from modelmesh.types import ModelInfo
 
@@ -236,6 +237,9 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         closers.append(lambda _g: cluster.close())
         if cluster.is_leader():
             await mesh.sweep_dead_copies()
+        keeper = CopyKeeper(mesh, clock, threshold_rpm=lambda: float(settings.scaleup_rpm_threshold))
+        keeper.start()
+        closers.append(lambda _g: keeper.close())
 
         metrics_port = 0
         if settings.metrics_port >= 0:

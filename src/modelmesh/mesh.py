@@ -39,12 +39,14 @@ from modelmesh.errors import (
     UpstreamError,
 )
 from modelmesh.metrics import MeshMetrics
+from modelmesh.placement.copies import RateWindow, UseHistory, choose_new_copy_pods
 from modelmesh.placement.eviction import CachedModel, choose_evictions
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
 from modelmesh.placement.view import (
     ClusterView,
     CopyView,
     InstanceView,
+    LabelConstraint,
     ModelView,
     PendingLoad,
     TypeConstraints,
@@ -67,12 +69,15 @@ from modelmesh.types import (
     ModelRecord,
     ModelState,
     ModelStatus,
+    PlacementPolicy,
     RuntimeStatus,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_MODEL_ID_LENGTH = 512
+# a sanity bound on minCopies: more than this is a typo, not a plan
+MAX_MIN_COPIES = 1000
 # pods tried for one request before giving up (a copy or placement, then others after failures)
 MAX_ROUTE_ATTEMPTS = 3
 # a load sent to another pod counts against it in placement until it republishes, or this long
@@ -97,6 +102,10 @@ class LocalCopy:
     last_used_ms: int
     state_ms: int
     in_flight: int = 0
+    # requests since the copy keeper last folded them into ``rate`` and ``history``
+    requests: int = 0
+    rate: RateWindow = RateWindow()
+    history: UseHistory = UseHistory()
 
 
 def validate_model_id(model_id: str) -> None:
@@ -290,7 +299,7 @@ class Mesh:
             holders=frozenset(record.copies), failed=frozenset(failed),
         )
         decision = choose_load_target(
-            project_pending(self._cluster_view(), self._pending_loads()), model,
+            project_pending(self._cluster_view(record), self._pending_loads()), model,
             now_ms=now, rng=self._rng, exclude=frozenset(excluded),
         )
         if decision.instance_id is None:
@@ -325,6 +334,85 @@ class Mesh:
         finally:
             self._peer_in_flight[instance_id] -= 1
 
+    # ------------------------------------------------------------------ copies (see scaling.py)
+
+    def loaded_copies(self) -> list[LocalCopy]:
+        return [c for c in self._copies.values() if c.state is CopyState.LOADED]
+
+    def record(self, model_id: str) -> ModelRecord | None:
+        return self._registry.cached(model_id)
+
+    def records(self) -> list[tuple[str, ModelRecord]]:
+        return list(self._registry.items())
+
+    def live_holders(self, record: ModelRecord) -> list[str]:
+        return sorted(i for i in record.copies
+                      if i == self.instance_id or self.cluster is None or self.cluster.is_live(i))
+
+    def eligible_pods(self, record: ModelRecord) -> list[str]:
+        """Pods that may hold the model: not shutting down, with its type's required labels and its
+        pin labels."""
+        needed = self._constraints.for_type(record.info.type).required | frozenset(record.pin_labels)
+        instances = self._published_instances() if self.cluster is not None else {}
+        return sorted(i for i, r in instances.items() if not r.shutting_down and needed <= set(r.labels))
+
+    def cluster_fullness(self) -> float:
+        instances = self._published_instances().values() if self.cluster is not None else []
+        capacity = sum(r.capacity_bytes for r in instances) or self.capacity_bytes
+        used = sum(r.used_bytes for r in instances) if self.cluster is not None else self.used_bytes()
+        return used / capacity if capacity else 1.0
+
+    def place_copies(self, model_id: str, count: int) -> tuple[str, ...]:
+        """Start ``count`` more copies of the model on the pods placement picks (not waiting for
+        the loads); returns the pods chosen."""
+        record = self._registry.cached(model_id)
+        if record is None or count <= 0 or self.cluster is None:
+            return ()
+        now = self._clock.now_ms()
+        failed = frozenset(i for i, f in record.failures.items() if now - f.time_ms < self._failure_expiry_ms)
+        model = ModelView(model_id, record.info.type, last_used_ms=record.last_used_ms,
+                          holders=frozenset(self.live_holders(record)), failed=failed)
+        placement = choose_new_copy_pods(
+            project_pending(self._cluster_view(record), self._pending_loads()), model, count,
+            now_ms=now, rng=self._rng, required_labels=frozenset(record.pin_labels),
+        )
+        for instance_id in placement.instance_ids:
+            revision = self.cluster.view.versioned(instance_id)
+            self._pending.setdefault(instance_id, []).append(
+                (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
+            self._spawn(self._load_on(instance_id, model_id), f"copy:{model_id}@{instance_id}")
+        if placement.instance_ids:
+            log.info("adding %d copies of '%s': %s", len(placement.instance_ids), model_id, placement.reason)
+        return placement.instance_ids
+
+    async def _load_on(self, instance_id: str, model_id: str) -> None:
+        if instance_id == self.instance_id:
+            await self._ensure_local(model_id)
+            return
+        # a forwarded ModelMetadata is served where it lands, so that pod loads the model
+        await self._forward(instance_id, MODEL_METADATA_METHOD, encode_string_field(1, model_id),
+                            [("mm-model-id", model_id)], None)
+
+    async def drop_copy(self, model_id: str) -> None:
+        """Unload this pod's copy (scaling down); the model stays registered and loaded elsewhere."""
+        log.info("removing this pod's copy of '%s' (traffic cooled)", model_id)
+        await self._drop_local(model_id)
+
+    def ensure_min_copies(self, model_id: str) -> tuple[str, ...]:
+        """Load more copies when the model has fewer than its minimum (or all-pods) asks."""
+        record = self._registry.cached(model_id)
+        if record is None or not (record.min_copies > 1 or record.all_pods):
+            return ()
+        eligible = self.eligible_pods(record)
+        wanted = len(eligible) if record.all_pods else min(record.min_copies, len(eligible))
+        missing = wanted - len(self.live_holders(record)) - len(
+            [p for p in self._pending_loads().values() for x in p if x.model_id == model_id])
+        if self.cluster is None:
+            if missing > 0 and model_id not in self._copies:
+                self._spawn(self._ensure_local(model_id), f"min-copies:{model_id}")
+            return ()
+        return self.place_copies(model_id, missing)
+
     def _default_size(self) -> int:
         return self._status.default_model_size_bytes if self._status else 1024 * 1024
 
@@ -344,8 +432,19 @@ class Mesh:
                 del self._pending[instance_id]
         return out
 
-    def _cluster_view(self) -> ClusterView:
+    def _cluster_view(self, record: ModelRecord | None = None) -> ClusterView:
+        """The pods as placement sees them; a model pinned to labels adds them to its type's
+        required labels."""
         assert self.cluster is not None
+        constraints = self._constraints
+        if record is not None and record.pin_labels:
+            base = constraints.for_type(record.info.type)
+            pinned = LabelConstraint(required=base.required | frozenset(record.pin_labels), preferred=base.preferred)
+            constraints = TypeConstraints(
+                by_type=(*[(t, c) for t, c in constraints.by_type if t != record.info.type],
+                         (record.info.type, pinned)),
+                default=constraints.default,
+            )
         instances = tuple(
             InstanceView(
                 instance_id=i, capacity_bytes=r.capacity_bytes, used_bytes=r.used_bytes,
@@ -356,7 +455,7 @@ class Mesh:
             )
             for i, r in self._published_instances().items()
         )
-        return ClusterView(instances, default_model_size_bytes=self._default_size(), constraints=self._constraints)
+        return ClusterView(instances, default_model_size_bytes=self._default_size(), constraints=constraints)
 
     def _published_instances(self) -> dict[str, InstanceRecord]:
         """Every live pod's published record; placement judges this pod by the same yardstick as
@@ -434,6 +533,7 @@ class Mesh:
             if copy is None or copy.state is not CopyState.LOADED:
                 copy = await self._ensure_local(model_id)
             copy.in_flight += 1
+            copy.requests += 1
             copy.last_used_ms = self._clock.now_ms()
             started = self._clock.monotonic()
             code = "OK"
@@ -583,15 +683,29 @@ class Mesh:
 
     async def _make_room(self, model_id: str, needed: int) -> None:
         """Evict least recently used idle models until ``needed`` bytes fit beside the rest."""
-        others = [
-            CachedModel(c.model_id, c.size_bytes, c.last_used_ms,
-                        busy=c.state is CopyState.LOADING or c.in_flight > 0)
-            for c in self._copies.values() if c.model_id != model_id
-        ]
+        others = [self._cached(c) for c in self._copies.values() if c.model_id != model_id]
         decision = choose_evictions(others, self.capacity_bytes, needed)
         if not decision.fits:
             raise CapacityExhausted(f"cannot load '{model_id}': {decision.reason}")
         await self._evict(decision.victims, f"to make room for '{model_id}'")
+
+    def _cached(self, c: LocalCopy) -> CachedModel:
+        """A copy as eviction sees it: busy ones stay, used ones outlive idle ones, and a copy that
+        holds its model at its minimum (or is its only copy on an all-pods model) stays."""
+        record = self._registry.cached(c.model_id)
+        pinned = record is not None and (record.all_pods or (
+            record.min_copies > 1 and self._live_copy_count(record) <= record.min_copies))
+        return CachedModel(
+            c.model_id, c.size_bytes, c.last_used_ms,
+            busy=c.state is CopyState.LOADING or c.in_flight > 0,
+            request_rate_rpm=c.rate.rpm(self._clock.now_ms()),
+            min_copies_pinned=pinned,
+        )
+
+    def _live_copy_count(self, record: ModelRecord) -> int:
+        if self.cluster is None:
+            return len(record.copies)
+        return sum(1 for i in record.copies if i == self.instance_id or self.cluster.is_live(i))
 
     async def _evict(self, victims: tuple[str, ...], why: str) -> None:
         # Removed from the table before any await, so a concurrent load sees the space as taken
@@ -616,11 +730,7 @@ class Mesh:
         target = min(self._typical_size, self.capacity_bytes // 10)
         if target <= 0 or self.capacity_bytes - self.used_bytes() >= target:
             return
-        cache = [
-            CachedModel(c.model_id, c.size_bytes, c.last_used_ms,
-                        busy=c.state is CopyState.LOADING or c.in_flight > 0)
-            for c in self._copies.values()
-        ]
+        cache = [self._cached(c) for c in self._copies.values()]
         decision = choose_evictions(cache, self.capacity_bytes, target)
         if decision.fits and decision.victims:
             await self._evict(decision.victims, "to keep room for the next load")
@@ -707,21 +817,39 @@ class Mesh:
     # ------------------------------------------------------------------ management
 
     async def register(
-        self, model_id: str, info: ModelInfo, *, load_now: bool, sync: bool, last_used_ms: int = 0
+        self,
+        model_id: str,
+        info: ModelInfo,
+        *,
+        load_now: bool,
+        sync: bool,
+        last_used_ms: int = 0,
+        policy: PlacementPolicy | None = None,
     ) -> ModelStatus:
         validate_model_id(model_id)
         if not info.type:
             raise InvalidRequest("model info needs a type (for example 'onnx')")
+        policy = policy or PlacementPolicy()
+        if policy.min_copies > MAX_MIN_COPIES:
+            raise InvalidRequest(f"minCopies {policy.min_copies} is more than {MAX_MIN_COPIES}")
         now = self._clock.now_ms()
-        record = ModelRecord(info=info, registered_ms=now, last_used_ms=last_used_ms or now)
+        record = ModelRecord(
+            info=info, registered_ms=now, last_used_ms=last_used_ms or now,
+            min_copies=policy.min_copies, all_pods=policy.all_pods,
+            pin_labels=tuple(sorted(set(policy.pin_labels))),
+        )
         if not await self._registry.create(model_id, record):
             existing = await self._registry.get(model_id)
-            if existing is not None and existing.record.info != info:
+            if existing is not None and (existing.record.info, _policy_of(existing.record)) != (
+                info, _policy_of(record)
+            ):
                 raise ModelExists(
                     f"model '{model_id}' is already registered with different info "
                     f"(type={existing.record.info.type!r}, path={existing.record.info.path!r}); "
                     "unregister it first"
                 )
+        if policy.min_copies > 1 or policy.all_pods:
+            self.ensure_min_copies(model_id)
         if load_now:
             return await self.ensure_loaded(model_id, sync=sync)
         return await self.status(model_id)
@@ -836,6 +964,10 @@ class Mesh:
         ]
         for gauge, fn in gauges:
             gauge.set_function(fn)  # type: ignore[attr-defined]
+
+
+def _policy_of(record: ModelRecord) -> PlacementPolicy:
+    return PlacementPolicy(record.min_copies, record.all_pods, record.pin_labels)
 
 
 def _with_copy(record: ModelRecord, instance_id: str, started_ms: int) -> ModelRecord:

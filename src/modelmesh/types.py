@@ -36,6 +36,15 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PlacementPolicy:
+    """Copies and pinning asked for at registration (a modelmesh extension of the API)."""
+
+    min_copies: int = 0
+    all_pods: bool = False
+    pin_labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LoadFailure:
     time_ms: int
     message: str
@@ -56,6 +65,11 @@ class ModelRecord:
     failures: dict[str, LoadFailure] = field(default_factory=dict)
     refs: int = 0
     auto_delete: bool = False
+    # placement asked for at registration: at least this many copies; a copy on every pod; only
+    # on pods with all these labels
+    min_copies: int = 0
+    all_pods: bool = False
+    pin_labels: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -71,6 +85,9 @@ class ModelRecord:
             failures={k: LoadFailure(**v) for k, v in d.get("failures", {}).items()},
             refs=d.get("refs", 0),
             auto_delete=d.get("auto_delete", False),
+            min_copies=d.get("min_copies", 0),
+            all_pods=d.get("all_pods", False),
+            pin_labels=tuple(d.get("pin_labels", ())),
         )
 
 

@@ -217,3 +217,88 @@ async def test_ensure_loaded_places_like_a_request(pods):
         assert status.state.name == "LOADED"
     counts = {p.id: len(p.runtime.loaded) for p in pods.values()}
     assert sum(counts.values()) == 9 and max(counts.values()) <= 5, counts
+
+
+# ---- copies that follow traffic (scaling.CopyKeeper) on the same harness
+
+from modelmesh.scaling import CopyKeeper  # noqa: E402
+from modelmesh.types import PlacementPolicy  # noqa: E402
+
+
+def keeper(pod: Pod, threshold: float = 60.0) -> CopyKeeper:
+    return CopyKeeper(pod.mesh, pod.clock, threshold_rpm=lambda: threshold)
+
+
+async def next_period(pods, clock) -> None:
+    clock.advance(10 - (clock.now_ms() % 10_000) / 1000 + 0.001)
+
+
+async def test_a_hot_model_gets_more_copies_and_requests_spread(pods):
+    a = pods["pod-a"]
+    await register(a, "hot")
+    await infer(a, "hot", forwarded=True)  # its one copy is on pod-a
+    await next_period(pods, a.clock)
+    for _ in range(30):  # 30 in a period = 180 rpm, three times a threshold of 60
+        await infer(a, "hot")
+    await next_period(pods, a.clock)
+    k = keeper(a)
+    await k.tick()
+    await until(lambda: sum("hot" in p.runtime.loaded for p in pods.values()) == 2, "a second copy")
+    # requests entering at a third pod now reach both copies
+    c = next(p for p in pods.values() if "hot" not in p.runtime.loaded)
+    holders = [p for p in pods.values() if "hot" in p.runtime.loaded]
+    await asyncio.gather(*(infer(c, "hot") for _ in range(20)))
+    assert all(any(m == "hot" for _, m in p.runtime.invocations) for p in holders)
+
+
+async def test_a_cool_model_keeps_one_copy_when_space_is_not_needed(pods):
+    a = pods["pod-a"]
+    await register(a, "warm")
+    await infer(a, "warm", forwarded=True)
+    await next_period(pods, a.clock)
+    await infer(a, "warm")
+    await next_period(pods, a.clock)
+    await keeper(a).tick()
+    await asyncio.sleep(0.01)
+    assert sum("warm" in p.runtime.loaded for p in pods.values()) == 1
+
+
+async def test_minimum_copies_asked_at_registration_are_kept(pods):
+    a = pods["pod-a"]
+    await a.mesh.register("twice", ModelInfo("onnx", "/m/twice"), load_now=False, sync=False,
+                          policy=PlacementPolicy(min_copies=2))
+    await until(lambda: sum("twice" in p.runtime.loaded for p in pods.values()) == 2, "two copies")
+    assert a.registry.cached("twice").min_copies == 2
+
+
+async def test_all_pods_loads_everywhere(pods):
+    a = pods["pod-a"]
+    await a.mesh.register("everywhere", ModelInfo("onnx", "/m/everywhere"), load_now=False, sync=False,
+                          policy=PlacementPolicy(all_pods=True))
+    await until(lambda: all("everywhere" in p.runtime.loaded for p in pods.values()), "a copy on every pod")
+
+
+async def test_a_pinned_model_loads_only_on_pods_with_its_labels():
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    pods: dict[str, Pod] = {}
+    for i in IDS:
+        pods[i] = Pod(i, store, clock, pods)
+        labels = ("gpu",) if i == "pod-c" else ()
+        pods[i].cluster = Cluster(store, "mm/t", i, clock=clock, lease_ttl_s=30,
+                                  figures=lambda i=i, labels=labels: pods[i].mesh.instance_figures(i, labels, "", 0),
+                                  check_interval_s=0.01)
+    for p in pods.values():
+        await p.start()
+    try:
+        await until(lambda: all(len(p.cluster.view) == 3 for p in pods.values()), "the views")
+        a = pods["pod-a"]
+        await a.mesh.register("pinned", ModelInfo("onnx", "/m/pinned"), load_now=False, sync=False,
+                              policy=PlacementPolicy(pin_labels=("gpu",)))
+        for _ in range(3):
+            assert await infer(a, "pinned") == b"x|pinned"
+        assert [p.id for p in pods.values() if "pinned" in p.runtime.loaded] == ["pod-c"]
+    finally:
+        for p in pods.values():
+            await p.stop()
+        await store.close()

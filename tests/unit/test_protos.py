@@ -77,6 +77,8 @@ def test_modelmesh_contracts():
         "loadNow": (3, FieldDescriptor.TYPE_BOOL, False),
         "sync": (4, FieldDescriptor.TYPE_BOOL, False),
         "lastUsedTime": (5, FieldDescriptor.TYPE_UINT64, False),
+        # our extension, beside ModelMesh's five (older clients never send it)
+        "placement": (20, FieldDescriptor.TYPE_MESSAGE, False),
     }
     assert fields(mm.SetVModelRequest.DESCRIPTOR)["owner"][0] == 10
     rsvc = rt.DESCRIPTOR.services_by_name["ModelRuntime"]

@@ -7,7 +7,7 @@ import grpc
 from modelmesh.errors import NotImplementedYet
 from modelmesh.mesh import Mesh
 from modelmesh.proto import model_mesh_pb2 as mpb
-from modelmesh.types import ModelInfo, ModelStatus
+from modelmesh.types import ModelInfo, ModelStatus, PlacementPolicy
 
 SERVICE = "mmesh.ModelMesh"
 
@@ -31,9 +31,11 @@ class ManagementServicer:
 
     async def registerModel(self, request: mpb.RegisterModelRequest, context: grpc.aio.ServicerContext) -> mpb.ModelStatusInfo:
         info = ModelInfo(request.modelInfo.type, request.modelInfo.path, request.modelInfo.key)
+        p = request.placement
+        policy = PlacementPolicy(p.minCopies, p.allPods, tuple(p.requiredLabels))
         status = await self._mesh.register(
             request.modelId, info, load_now=request.loadNow, sync=request.sync,
-            last_used_ms=request.lastUsedTime,
+            last_used_ms=request.lastUsedTime, policy=policy,
         )
         return status_info(status)
 

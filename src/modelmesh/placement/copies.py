@@ -17,8 +17,8 @@ minute of traffic). A model's rate is the sum over its copies.
    ago (:class:`UseHistory`), keeps a second copy for resilience, unless the cluster is more than
    90% full.
 4. **Scale-up**: when the copies carry more than ``threshold_rpm`` each on average, the model
-   gets ``ceil(total rpm / threshold_rpm)`` copies, at most a third of the eligible pods (at least
-   one). All missing copies are added in one step, so a model at 4x the threshold has its four
+   gets ``ceil(total rpm / threshold_rpm)`` copies, at most a third of the eligible pods (but two
+   may always be had, so small clusters can scale up too). All missing copies are added in one step, so a model at 4x the threshold has its four
    copies at the end of its first complete period of that traffic: within two periods of the
    burst's start, wherever in a period it started.
 5. **Scale-down**, one copy per model per run, only when all of these hold: the cluster is at
@@ -35,10 +35,12 @@ after hours unused" rule (rule 5 and eviction cover it), and one step per model 
 labels first, then the least busy (lowest rate: its traffic is the cheapest to move), never the last
 copy, never below the minimum, never the last copy on a pinned pod.
 
-**Where new copies go** (:func:`choose_new_copy_pods`): ``placement.load.choose_load_target`` once
-per copy, the current holders and the pods already chosen excluded, each choice counted as a
-pending load for the next (so two copies never land on the same near-best pod). For a model in use
-its load filter keeps only pods within 1.1x of the quietest: new copies go to the least busy pods.
+**Where new copies go** (:func:`choose_new_copy_pods`): the least busy eligible pods
+(``placement.load.filter_by_load`` over all of them: within 1.1x of the quietest for a model in
+use), then ``placement.load.choose_load_target`` among those, once per copy, the current holders
+and the pods already chosen excluded, each choice counted as a pending load and its share of the
+traffic for the next, so the copies of one model, and of several models scaled up in the same
+round, spread over the quiet pods.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from modelmesh.placement.load import choose_load_target, project_pending
+from modelmesh.placement.load import allowed_rate_ratio, choose_load_target, filter_by_load, project_pending
 from modelmesh.placement.view import ClusterView, ModelView, PendingLoad
 
 __all__ = [
@@ -245,7 +247,9 @@ def copy_targets(
         target, why = 2, "used regularly: a second copy for resilience"
 
     if rpm > threshold_rpm * max(have, 1):
-        cap = max(1, cluster_size // SCALE_UP_CLUSTER_SHARE)
+        # a third of the cluster, but a hot model may always have a second copy: with ModelMesh's
+        # plain third, clusters of under six pods could never scale a model up at all
+        cap = min(cluster_size, max(2, cluster_size // SCALE_UP_CLUSTER_SHARE))
         wanted = min(math.ceil(rpm / threshold_rpm), cap)
         if wanted > target:
             capped = " (a third of the cluster)" if wanted == cap else ""
@@ -338,10 +342,15 @@ def choose_copies_to_remove(
 
 @dataclass(frozen=True, slots=True)
 class CopyPlacement:
-    """Pods for new copies, best first; fewer than asked (or none) when no more pods qualify."""
+    """Pods for new copies, best first; fewer than asked (or none) when no more pods qualify.
+
+    ``view`` is the input view with the new copies projected (pending load and traffic), for the
+    caller's next placement before the pods republish.
+    """
 
     instance_ids: tuple[str, ...]
     reason: str
+    view: ClusterView
 
 
 def choose_new_copy_pods(
@@ -351,30 +360,55 @@ def choose_new_copy_pods(
     *,
     now_ms: int,
     rng: random.Random,
+    copy_rpm: float = 0.0,
     required_labels: frozenset[str] = frozenset(),
     exclude: Iterable[str] = (),
 ) -> CopyPlacement:
     """Pods for ``count`` new copies of ``model``, one ``choose_load_target`` call each.
 
+    Only the least busy pods are offered to it: ``filter_by_load`` over all eligible pods (for a
+    model in use, within 1.1x of the quietest), where ``choose_load_target`` alone would apply it
+    only to its shortlist, which for full pods is chosen by LRU age, so that a round of scale-ups
+    would pile the copies of every hot model onto the few pods with the oldest LRU entry.
+
     ``model.holders`` (its current copies) are excluded by ``choose_load_target`` itself; pods
-    chosen here join them for the next pick and count as a pending load (size, model, loading
-    slot) on the view, so the picks spread. Pods lacking ``required_labels`` (the model's pin
-    labels) or in ``exclude`` are never chosen. Pass a view with the caller's pending loads
-    already projected.
+    chosen here join them for the next pick and count as a pending load (size, model, loading slot)
+    carrying ``copy_rpm`` more traffic, so the picks spread. Pods lacking ``required_labels`` (the
+    model's pin labels), shutting down, or in ``exclude`` are never chosen. Pass a view with the
+    caller's pending loads already projected.
     """
     excluded = set(exclude)
     excluded.update(i.instance_id for i in view.instances if not required_labels <= i.labels)
+    idle_ms = now_ms - model.last_used_ms if model.last_used_ms > 0 else None
+    ratio = allowed_rate_ratio(idle_ms)
     chosen: list[str] = []
     reasons: list[str] = []
     current = view
     size = model.predicted_size_bytes if model.predicted_size_bytes > 0 else view.default_model_size_bytes
     for _ in range(max(0, count)):
-        placing = replace(model, holders=model.holders | frozenset(chosen))
-        decision = choose_load_target(current, placing, now_ms=now_ms, rng=rng, exclude=excluded)
+        holders = model.holders | frozenset(chosen)
+        eligible = [i for i in current.instances
+                    if i.instance_id not in holders and i.instance_id not in excluded and not i.shutting_down]
+        quiet = {i.instance_id for i in filter_by_load(eligible, ratio)}
+        busy = {i.instance_id for i in eligible if i.instance_id not in quiet}
+        decision = choose_load_target(current, replace(model, holders=holders), now_ms=now_ms, rng=rng,
+                                      exclude=excluded | busy)
         if decision.instance_id is None:
             reasons.append(f"no pod for copy {len(chosen) + 1}: {decision.reason}")
             break
         chosen.append(decision.instance_id)
-        reasons.append(f"{decision.instance_id}: {decision.reason}")
-        current = project_pending(current, {decision.instance_id: [PendingLoad(model.model_id, size, now_ms)]})
-    return CopyPlacement(tuple(chosen), "; ".join(reasons) if reasons else "no copies asked")
+        reasons.append(f"{decision.instance_id} ({len(quiet)} quiet pods): {decision.reason}")
+        current = _with_traffic(
+            project_pending(current, {decision.instance_id: [PendingLoad(model.model_id, size, now_ms)]}),
+            decision.instance_id, copy_rpm,
+        )
+    return CopyPlacement(tuple(chosen), "; ".join(reasons) if reasons else "no copies asked", current)
+
+
+def _with_traffic(view: ClusterView, instance_id: str, rpm: float) -> ClusterView:
+    if rpm <= 0:
+        return view
+    return replace(view, instances=tuple(
+        replace(i, request_rate_rpm=i.request_rate_rpm + round(rpm)) if i.instance_id == instance_id else i
+        for i in view.instances
+    ))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10model-mesh.proto\x12\x05mmesh\"\x81\x01\n\x14RegisterModelRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12#\n\tmodelInfo\x18\x02 \x01(\x0b\x32\x10.mmesh.ModelInfo\x12\x0f\n\x07loadNow\x18\x03 \x01(\x08\x12\x0c\n\x04sync\x18\x04 \x01(\x08\x12\x14\n\x0clastUsedTime\x18\x05 \x01(\x04\"4\n\tModelInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"\xe4\x02\n\x0fModelStatusInfo\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".mmesh.ModelStatusInfo.ModelStatus\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\x12<\n\x0emodelCopyInfos\x18\x03 \x03(\x0b\x32$.mmesh.ModelStatusInfo.ModelCopyInfo\x1ag\n\rModelCopyInfo\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x36\n\ncopyStatus\x18\x02 \x01(\x0e\x32\".mmesh.ModelStatusInfo.ModelStatus\x12\x0c\n\x04time\x18\x03 \x01(\x04\"f\n\x0bModelStatus\x12\r\n\tNOT_FOUND\x10\x00\x12\x0e\n\nNOT_LOADED\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\n\n\x06LOADED\x10\x03\x12\x12\n\x0eLOADING_FAILED\x10\x04\x12\x0b\n\x07UNKNOWN\x10\x05\")\n\x16UnregisterModelRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\"\x19\n\x17UnregisterModelResponse\"#\n\x10GetStatusRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\"P\n\x13\x45nsureLoadedRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12\x14\n\x0clastUsedTime\x18\x02 \x01(\x04\x12\x0c\n\x04sync\x18\x04 \x01(\x08J\x04\x08\x03\x10\x04\"\xce\x02\n\x10VModelStatusInfo\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.mmesh.VModelStatusInfo.VModelStatus\x12\x15\n\ractiveModelId\x18\x02 \x01(\t\x12\x15\n\rtargetModelId\x18\x03 \x01(\t\x12\x31\n\x11\x61\x63tiveModelStatus\x18\x04 \x01(\x0b\x32\x16.mmesh.ModelStatusInfo\x12\x31\n\x11targetModelStatus\x18\x05 \x01(\x0b\x32\x16.mmesh.ModelStatusInfo\x12\r\n\x05owner\x18\x06 \x01(\t\"a\n\x0cVModelStatus\x12\r\n\tNOT_FOUND\x10\x00\x12\x0b\n\x07\x44\x45\x46INED\x10\x01\x12\x11\n\rTRANSITIONING\x10\x02\x12\x15\n\x11TRANSITION_FAILED\x10\x03\x12\x0b\n\x07UNKNOWN\x10\x05\"6\n\x13\x44\x65leteVModelRequest\x12\x10\n\x08vModelId\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\x16\n\x14\x44\x65leteVModelResponse\"\xef\x01\n\x10SetVModelRequest\x12\x10\n\x08vModelId\x18\x01 \x01(\t\x12\x15\n\rtargetModelId\x18\x02 \x01(\t\x12\x12\n\nupdateOnly\x18\x03 \x01(\x08\x12#\n\tmodelInfo\x18\x04 \x01(\x0b\x32\x10.mmesh.ModelInfo\x12\x1d\n\x15\x61utoDeleteTargetModel\x18\x05 \x01(\x08\x12\x0f\n\x07loadNow\x18\x06 \x01(\x08\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x0c\n\x04sync\x18\x08 \x01(\x08\x12\x1d\n\x15\x65xpectedTargetModelId\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\"9\n\x16GetVModelStatusRequest\x12\x10\n\x08vModelId\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t2\x8b\x04\n\tModelMesh\x12\x46\n\rregisterModel\x12\x1b.mmesh.RegisterModelRequest\x1a\x16.mmesh.ModelStatusInfo\"\x00\x12R\n\x0funregisterModel\x12\x1d.mmesh.UnregisterModelRequest\x1a\x1e.mmesh.UnregisterModelResponse\"\x00\x12\x43\n\x0egetModelStatus\x12\x17.mmesh.GetStatusRequest\x1a\x16.mmesh.ModelStatusInfo\"\x00\x12\x44\n\x0c\x65nsureLoaded\x12\x1a.mmesh.EnsureLoadedRequest\x1a\x16.mmesh.ModelStatusInfo\"\x00\x12?\n\tsetVModel\x12\x17.mmesh.SetVModelRequest\x1a\x17.mmesh.VModelStatusInfo\"\x00\x12I\n\x0c\x64\x65leteVModel\x12\x1a.mmesh.DeleteVModelRequest\x1a\x1b.mmesh.DeleteVModelResponse\"\x00\x12K\n\x0fgetVModelStatus\x12\x1d.mmesh.GetVModelStatusRequest\x1a\x17.mmesh.VModelStatusInfo\"\x00\x42(\n\x1c\x63om.ibm.watson.modelmesh.apiP\x01Z\x06/mmeshb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x10model-mesh.proto\x12\x05mmesh\"\xac\x01\n\x14RegisterModelRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12#\n\tmodelInfo\x18\x02 \x01(\x0b\x32\x10.mmesh.ModelInfo\x12\x0f\n\x07loadNow\x18\x03 \x01(\x08\x12\x0c\n\x04sync\x18\x04 \x01(\x08\x12\x14\n\x0clastUsedTime\x18\x05 \x01(\x04\x12)\n\tplacement\x18\x14 \x01(\x0b\x32\x16.mmesh.PlacementPolicy\"M\n\x0fPlacementPolicy\x12\x11\n\tminCopies\x18\x01 \x01(\r\x12\x0f\n\x07\x61llPods\x18\x02 \x01(\x08\x12\x16\n\x0erequiredLabels\x18\x03 \x03(\t\"4\n\tModelInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"\xe4\x02\n\x0fModelStatusInfo\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".mmesh.ModelStatusInfo.ModelStatus\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\x12<\n\x0emodelCopyInfos\x18\x03 \x03(\x0b\x32$.mmesh.ModelStatusInfo.ModelCopyInfo\x1ag\n\rModelCopyInfo\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x36\n\ncopyStatus\x18\x02 \x01(\x0e\x32\".mmesh.ModelStatusInfo.ModelStatus\x12\x0c\n\x04time\x18\x03 \x01(\x04\"f\n\x0bModelStatus\x12\r\n\tNOT_FOUND\x10\x00\x12\x0e\n\nNOT_LOADED\x10\x01\x12\x0b\n\x07LOADING\x10\x02\x12\n\n\x06LOADED\x10\x03\x12\x12\n\x0eLOADING_FAILED\x10\x04\x12\x0b\n\x07UNKNOWN\x10\x05\")\n\x16UnregisterModelRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\"\x19\n\x17UnregisterModelResponse\"#\n\x10GetStatusRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\"P\n\x13\x45nsureLoadedRequest\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12\x14\n\x0clastUsedTime\x18\x02 \x01(\x04\x12\x0c\n\x04sync\x18\x04 \x01(\x08J\x04\x08\x03\x10\x04\"\xce\x02\n\x10VModelStatusInfo\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.mmesh.VModelStatusInfo.VModelStatus\x12\x15\n\ractiveModelId\x18\x02 \x01(\t\x12\x15\n\rtargetModelId\x18\x03 \x01(\t\x12\x31\n\x11\x61\x63tiveModelStatus\x18\x04 \x01(\x0b\x32\x16.mmesh.ModelStatusInfo\x12\x31\n\x11targetModelStatus\x18\x05 \x01(\x0b\x32\x16.mmesh.ModelStatusInfo\x12\r\n\x05owner\x18\x06 \x01(\t\"a\n\x0cVModelStatus\x12\r\n\tNOT_FOUND\x10\x00\x12\x0b\n\x07\x44\x45\x46INED\x10\x01\x12\x11\n\rTRANSITIONING\x10\x02\x12\x15\n\x11TRANSITION_FAILED\x10\x03\x12\x0b\n\x07UNKNOWN\x10\x05\"6\n\x13\x44\x65leteVModelRequest\x12\x10\n\x08vModelId\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\x16\n\x14\x44\x65leteVModelResponse\"\xef\x01\n\x10SetVModelRequest\x12\x10\n\x08vModelId\x18\x01 \x01(\t\x12\x15\n\rtargetModelId\x18\x02 \x01(\t\x12\x12\n\nupdateOnly\x18\x03 \x01(\x08\x12#\n\tmodelInfo\x18\x04 \x01(\x0b\x32\x10.mmesh.ModelInfo\x12\x1d\n\x15\x61utoDeleteTargetModel\x18\x05 \x01(\x08\x12\x0f\n\x07loadNow\x18\x06 \x01(\x08\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\x0c\n\x04sync\x18\x08 \x01(\x08\x12\x1d\n\x15\x65xpectedTargetModelId\x18\t \x01(\t\x12\r\n\x05owner\x18\n \x01(\t\"9\n\x16GetVModelStatusRequest\x12\x10\n\x08vModelId\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t2\x8b\x04\n\tModelMesh\x12\x46\n\rregisterModel\x12\x1b.mmesh.RegisterModelRequest\x1a\x16.mmesh.ModelStatusInfo\"\x00\x12R\n\x0funregisterModel\x12\x1d.mmesh.UnregisterModelRequest\x1a\x1e.mmesh.UnregisterModelResponse\"\x00\x12\x43\n\x0egetModelStatus\x12\x17.mmesh.GetStatusRequest\x1a\x16.mmesh.ModelStatusInfo\"\x00\x12\x44\n\x0c\x65nsureLoaded\x12\x1a.mmesh.EnsureLoadedRequest\x1a\x16.mmesh.ModelStatusInfo\"\x00\x12?\n\tsetVModel\x12\x17.mmesh.SetVModelRequest\x1a\x17.mmesh.VModelStatusInfo\"\x00\x12I\n\x0c\x64\x65leteVModel\x12\x1a.mmesh.DeleteVModelRequest\x1a\x1b.mmesh.DeleteVModelResponse\"\x00\x12K\n\x0fgetVModelStatus\x12\x1d.mmesh.GetVModelStatusRequest\x1a\x17.mmesh.VModelStatusInfo\"\x00\x42(\n\x1c\x63om.ibm.watson.modelmesh.apiP\x01Z\x06/mmeshb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\034com.ibm.watson.modelmesh.apiP\001Z\006/mmesh'
   _globals['_REGISTERMODELREQUEST']._serialized_start=28
-  _globals['_REGISTERMODELREQUEST']._serialized_end=157
-  _globals['_MODELINFO']._serialized_start=159
-  _globals['_MODELINFO']._serialized_end=211
-  _globals['_MODELSTATUSINFO']._serialized_start=214
-  _globals['_MODELSTATUSINFO']._serialized_end=570
-  _globals['_MODELSTATUSINFO_MODELCOPYINFO']._serialized_start=363
-  _globals['_MODELSTATUSINFO_MODELCOPYINFO']._serialized_end=466
-  _globals['_MODELSTATUSINFO_MODELSTATUS']._serialized_start=468
-  _globals['_MODELSTATUSINFO_MODELSTATUS']._serialized_end=570
-  _globals['_UNREGISTERMODELREQUEST']._serialized_start=572
-  _globals['_UNREGISTERMODELREQUEST']._serialized_end=613
-  _globals['_UNREGISTERMODELRESPONSE']._serialized_start=615
-  _globals['_UNREGISTERMODELRESPONSE']._serialized_end=640
-  _globals['_GETSTATUSREQUEST']._serialized_start=642
-  _globals['_GETSTATUSREQUEST']._serialized_end=677
-  _globals['_ENSURELOADEDREQUEST']._serialized_start=679
-  _globals['_ENSURELOADEDREQUEST']._serialized_end=759
-  _globals['_VMODELSTATUSINFO']._serialized_start=762
-  _globals['_VMODELSTATUSINFO']._serialized_end=1096
-  _globals['_VMODELSTATUSINFO_VMODELSTATUS']._serialized_start=999
-  _globals['_VMODELSTATUSINFO_VMODELSTATUS']._serialized_end=1096
-  _globals['_DELETEVMODELREQUEST']._serialized_start=1098
-  _globals['_DELETEVMODELREQUEST']._serialized_end=1152
-  _globals['_DELETEVMODELRESPONSE']._serialized_start=1154
-  _globals['_DELETEVMODELRESPONSE']._serialized_end=1176
-  _globals['_SETVMODELREQUEST']._serialized_start=1179
-  _globals['_SETVMODELREQUEST']._serialized_end=1418
-  _globals['_GETVMODELSTATUSREQUEST']._serialized_start=1420
-  _globals['_GETVMODELSTATUSREQUEST']._serialized_end=1477
-  _globals['_MODELMESH']._serialized_start=1480
-  _globals['_MODELMESH']._serialized_end=2003
+  _globals['_REGISTERMODELREQUEST']._serialized_end=200
+  _globals['_PLACEMENTPOLICY']._serialized_start=202
+  _globals['_PLACEMENTPOLICY']._serialized_end=279
+  _globals['_MODELINFO']._serialized_start=281
+  _globals['_MODELINFO']._serialized_end=333
+  _globals['_MODELSTATUSINFO']._serialized_start=336
+  _globals['_MODELSTATUSINFO']._serialized_end=692
+  _globals['_MODELSTATUSINFO_MODELCOPYINFO']._serialized_start=485
+  _globals['_MODELSTATUSINFO_MODELCOPYINFO']._serialized_end=588
+  _globals['_MODELSTATUSINFO_MODELSTATUS']._serialized_start=590
+  _globals['_MODELSTATUSINFO_MODELSTATUS']._serialized_end=692
+  _globals['_UNREGISTERMODELREQUEST']._serialized_start=694
+  _globals['_UNREGISTERMODELREQUEST']._serialized_end=735
+  _globals['_UNREGISTERMODELRESPONSE']._serialized_start=737
+  _globals['_UNREGISTERMODELRESPONSE']._serialized_end=762
+  _globals['_GETSTATUSREQUEST']._serialized_start=764
+  _globals['_GETSTATUSREQUEST']._serialized_end=799
+  _globals['_ENSURELOADEDREQUEST']._serialized_start=801
+  _globals['_ENSURELOADEDREQUEST']._serialized_end=881
+  _globals['_VMODELSTATUSINFO']._serialized_start=884
+  _globals['_VMODELSTATUSINFO']._serialized_end=1218
+  _globals['_VMODELSTATUSINFO_VMODELSTATUS']._serialized_start=1121
+  _globals['_VMODELSTATUSINFO_VMODELSTATUS']._serialized_end=1218
+  _globals['_DELETEVMODELREQUEST']._serialized_start=1220
+  _globals['_DELETEVMODELREQUEST']._serialized_end=1274
+  _globals['_DELETEVMODELRESPONSE']._serialized_start=1276
+  _globals['_DELETEVMODELRESPONSE']._serialized_end=1298
+  _globals['_SETVMODELREQUEST']._serialized_start=1301
+  _globals['_SETVMODELREQUEST']._serialized_end=1540
+  _globals['_GETVMODELSTATUSREQUEST']._serialized_start=1542
+  _globals['_GETVMODELSTATUSREQUEST']._serialized_end=1599
+  _globals['_MODELMESH']._serialized_start=1602
+  _globals['_MODELMESH']._serialized_end=2125
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("modelId", "modelInfo", "loadNow", "sync", "lastUsedTime")
+    __slots__ = ("modelId", "modelInfo", "loadNow", "sync", "lastUsedTime", "placement")
     MODELID_FIELD_NUMBER: _ClassVar[int]
     MODELINFO_FIELD_NUMBER: _ClassVar[int]
     LOADNOW_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     LASTUSEDTIME_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     modelId: str
     modelInfo: ModelInfo
     loadNow: bool
     sync: bool
     lastUsedTime: int
-    def __init__(self, modelId: _Optional[str] = ..., modelInfo: _Optional[_Union[ModelInfo, _Mapping]] = ..., loadNow: _Optional[bool] = ..., sync: _Optional[bool] = ..., lastUsedTime: _Optional[int] = ...) -> None: ...
+    placement: PlacementPolicy
+    def __init__(self, modelId: _Optional[str] = ..., modelInfo: _Optional[_Union[ModelInfo, _Mapping]] = ..., loadNow: _Optional[bool] = ..., sync: _Optional[bool] = ..., lastUsedTime: _Optional[int] = ..., placement: _Optional[_Union[PlacementPolicy, _Mapping]] = ...) -> None: ...
+
+class PlacementPolicy(_message.Message):
+    __slots__ = ("minCopies", "allPods", "requiredLabels")
+    MINCOPIES_FIELD_NUMBER: _ClassVar[int]
+    ALLPODS_FIELD_NUMBER: _ClassVar[int]
+    REQUIREDLABELS_FIELD_NUMBER: _ClassVar[int]
+    minCopies: int
+    allPods: bool
+    requiredLabels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, minCopies: _Optional[int] = ..., allPods: _Optional[bool] = ..., requiredLabels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("type", "path", "key")

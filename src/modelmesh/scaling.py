@@ -1,0 +1,130 @@
+"""Copies that follow traffic: the rate tracker each pod runs every rate period (10 s).
+
+Every period the pod folds each local copy's request count into its rate window and use history,
+then, for the models it holds, applies the pure rules of ``placement/copies.py``:
+- a copy carrying more than the threshold adds copies on the least busy eligible pods;
+- a regularly used model keeps a second copy (unless the cluster is nearly full);
+- minimum copies and "load on every pod" are kept;
+- when space is needed and traffic has cooled, a surplus copy is removed.
+Each model is decided by one pod only: the live holder with the smallest id (every holder sees the
+same record, so they agree without talking). That pod estimates the model's traffic as its own
+copy's rate times the number of copies: requests are routed to the copy with the fewest in
+flight, so copies carry similar shares.
+
+The leader (``Cluster.is_leader``) also keeps minimum copies for models loaded nowhere and expires
+old load failures from records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from modelmesh.clock import Clock
+from modelmesh.errors import MeshError
+from modelmesh.mesh import Mesh
+from modelmesh.placement.copies import (
+    RATE_PERIOD_MS,
+    CopyModelView,
+    HeldCopy,
+    choose_copies_to_remove,
+    copy_targets,
+)
+
+log = logging.getLogger(__name__)
+
+
+class CopyKeeper:
+    def __init__(
+        self, mesh: Mesh, clock: Clock, *, threshold_rpm: Callable[[], float],
+        period_ms: int = RATE_PERIOD_MS,
+    ) -> None:
+        self._mesh = mesh
+        self._clock = clock
+        self._threshold = threshold_rpm
+        self._period_ms = period_ms
+        # when this pod last changed each model's copies (the scale-down cool-down)
+        self._changed_ms: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="copy-keeper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            # wake just after each period boundary, so a fold closes exactly one period
+            now = self._clock.now_ms()
+            await asyncio.sleep((self._period_ms - now % self._period_ms + 5) / 1000)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("copy keeping failed; trying again next period")
+
+    def fold(self, now_ms: int) -> None:
+        """Move each copy's request count into its rate window (as the period just ended)."""
+        ended = now_ms - now_ms % self._period_ms - 1
+        for copy in self._mesh.loaded_copies():
+            n, copy.requests = copy.requests, 0
+            if n:
+                copy.rate = copy.rate.add(ended, n)
+                copy.history = copy.history.record(ended)
+            copy.rate = copy.rate.advanced(now_ms)
+
+    async def tick(self) -> None:
+        mesh = self._mesh
+        now = self._clock.now_ms()
+        self.fold(now)
+        threshold = self._threshold()
+        fullness = mesh.cluster_fullness()
+        for copy in mesh.loaded_copies():
+            record = mesh.record(copy.model_id)
+            if record is None:
+                continue
+            holders = mesh.live_holders(record)
+            if not holders or holders[0] != mesh.instance_id:
+                continue  # another holder decides for this model
+            eligible = mesh.eligible_pods(record)
+            rpm = copy.rate.rpm(now)
+            decision = copy_targets(
+                CopyModelView(
+                    copy.model_id, copies=len(holders), total_rpm=rpm * len(holders),
+                    history=copy.history, min_copies=record.min_copies, all_pods=record.all_pods,
+                    copies_changed_ms=self._changed_ms.get(copy.model_id, 0),
+                ),
+                now_ms=now, threshold_rpm=threshold, cluster_fullness=fullness,
+                cluster_size=max(1, len(eligible)),
+            )
+            if decision.target_copies > len(holders):
+                added = mesh.place_copies(copy.model_id, decision.target_copies - len(holders))
+                if added:
+                    self._changed_ms[copy.model_id] = now
+                    log.info("'%s': %s", copy.model_id, decision.reason)
+            elif decision.target_copies < len(holders):
+                removal = choose_copies_to_remove(
+                    [HeldCopy(i, rpm) for i in holders], len(holders) - decision.target_copies,
+                    min_copies=record.min_copies, pin_labels=frozenset(record.pin_labels),
+                )
+                if mesh.instance_id in removal.instance_ids:
+                    self._changed_ms[copy.model_id] = now
+                    log.info("'%s': %s", copy.model_id, decision.reason)
+                    await mesh.drop_copy(copy.model_id)
+        if mesh.cluster is not None and mesh.cluster.is_leader():
+            await self._leader_chores()
+        self._changed_ms = {m: t for m, t in self._changed_ms.items() if mesh.record(m) is not None}
+
+    async def _leader_chores(self) -> None:
+        """Minimum copies for models that have fallen below them (e.g. loaded nowhere after a pod
+        died): the holders keep the rest."""
+        for model_id, record in self._mesh.records():
+            if record.min_copies > 1 or record.all_pods:
+                try:
+                    self._mesh.ensure_min_copies(model_id)
+                except MeshError as err:
+                    log.warning("could not keep the minimum copies of '%s': %s", model_id, err)
