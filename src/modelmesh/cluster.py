@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from modelmesh.clock import Clock
 from modelmesh.errors import MeshError
-from modelmesh.kv.base import KVStore, LeaseExpired
+from modelmesh.kv.base import CasFailed, KVStore, LeaseExpired
 from modelmesh.types import InstanceRecord
 from modelmesh.watched import PrefixView
 
@@ -73,6 +73,8 @@ class Cluster:
         self._published_ms = 0
         self._shutting_down = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._leader_key = f"{key_root}/leader"
+        self._leader: str | None = None
 
     # ---- reads (request path)
 
@@ -94,19 +96,47 @@ class Cluster:
         return replace(record, shutting_down=self._shutting_down) if self._shutting_down else record
 
     def is_leader(self) -> bool:
-        """The live pod with the smallest id does cluster chores (sweeping dead pods' copies).
-        Derived from the view, so no extra store traffic; chores are idempotent compare-and-set
-        updates, so two pods that briefly both think they lead do no harm."""
-        if self._shutting_down:
-            return False
-        live = [i for i, r in self.view.items() if not r.shutting_down]
-        return min([*live, self.instance_id]) == self.instance_id
+        """Whether this pod does the cluster's chores now. Elected through the store: the first pod
+        to create ``<prefix>/<service>/leader`` under its lease leads until it resigns (shutting
+        down) or its lease goes; the others try again every check. Chores are idempotent
+        compare-and-set updates, so the moment of overlap a lease expiry allows does no harm."""
+        return not self._shutting_down and self._leader == self.instance_id
+
+    @property
+    def leader(self) -> str | None:
+        return self._leader
+
+    async def _campaign(self) -> None:
+        if self._shutting_down or not self._lease:
+            return
+        kv = await self._store.get(self._leader_key)
+        if kv is None:
+            try:
+                await self._store.put(self._leader_key, self.instance_id.encode(), expected_revision=0,
+                                      lease=self._lease)
+                if self._leader != self.instance_id:
+                    log.info("elected leader of the cluster's chores")
+                self._leader = self.instance_id
+                return
+            except (CasFailed, LeaseExpired):
+                kv = await self._store.get(self._leader_key)
+        self._leader = kv.value.decode() if kv is not None else None
+
+    async def _resign(self) -> None:
+        kv = await self._store.get(self._leader_key)
+        if kv is not None and kv.value.decode() == self.instance_id:
+            try:
+                await self._store.delete(self._leader_key, expected_revision=kv.mod_revision)
+            except CasFailed:
+                pass
+        self._leader = None
 
     # ---- lifecycle
 
     async def start(self) -> None:
         await self._publish(force=True)
         await self.view.start()
+        await self._campaign()
         self._tasks = [
             asyncio.create_task(self._keepalive_loop(), name="instance-keepalive"),
             asyncio.create_task(self._publish_loop(), name="instance-publish"),
@@ -130,6 +160,7 @@ class Cluster:
         self._shutting_down = True
         try:
             await self._publish(force=True)
+            await self._resign()
         except MeshError as err:
             log.warning("could not publish shutting-down: %s", err)
 
@@ -156,6 +187,7 @@ class Cluster:
             await asyncio.sleep(self._check_interval)
             try:
                 await self._publish()
+                await self._campaign()
             except MeshError as err:
                 log.warning("could not publish this pod's record: %s", err)
 

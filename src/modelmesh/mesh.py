@@ -494,35 +494,63 @@ class Mesh:
         """Remove copies of pods that are gone from every model record (leader's chore)."""
         assert self.cluster is not None
         cluster = self.cluster
-        swept = await self._sweep_copies(lambda i: i != self.instance_id and not cluster.is_live(i))
+        swept = await self._sweep_records(lambda m, r: [
+            i for i in r.copies if i != self.instance_id and not cluster.is_live(i)])
         if swept:
             log.info("removed copies of departed pods from %d model records", swept)
         return swept
 
     async def forget_own_copies(self) -> int:
-        """At start the runtime holds nothing, whatever records say about this instance id from an
-        earlier life (a restarted pod keeps its name, so its id): take them out."""
-        swept = await self._sweep_copies(lambda i: i == self.instance_id and i not in self._copies)
+        """Records that list this pod for a model it does not hold (or load) are corrected: at start
+        the runtime holds nothing, whatever records say from an earlier life (a restarted pod keeps
+        its name, so its id); later, an unload whose record write failed leaves the same."""
+        swept = await self._sweep_records(lambda m, r: [
+            i for i in r.copies if i == self.instance_id and m not in self._copies])
         if swept:
             log.info("removed stale copies of this instance from %d model records", swept)
         return swept
 
-    async def _sweep_copies(self, stale: Callable[[str], bool]) -> int:
-        def without_stale(record: ModelRecord) -> ModelRecord | None:
-            gone = [i for i in record.copies if stale(i)]
-            for i in gone:
-                del record.copies[i]
-            return record if gone else None
+    async def _sweep_records(self, stale: Callable[[str, ModelRecord], list[str]]) -> int:
+        """Take the copies ``stale`` names out of each record (compare-and-set, re-evaluated on
+        the fresh record); returns how many records changed."""
+
+        def without_stale(model_id: str) -> Callable[[ModelRecord], ModelRecord | None]:
+            def change(record: ModelRecord) -> ModelRecord | None:
+                gone = stale(model_id, record)
+                for i in gone:
+                    del record.copies[i]
+                return record if gone else None
+            return change
 
         swept = 0
         for model_id, record in self._registry.items():
-            if any(stale(i) for i in record.copies):
+            if stale(model_id, record):
                 try:
-                    await self._registry.update(model_id, without_stale)
+                    await self._registry.update(model_id, without_stale(model_id))
                     swept += 1
                 except ModelNotFound:
                     pass
         return swept
+
+    async def expire_failures(self) -> int:
+        """Drop load failures older than the expiry from model records (leader's chore)."""
+        now = self._clock.now_ms()
+
+        def fresh_only(record: ModelRecord) -> ModelRecord | None:
+            old = [i for i, f in record.failures.items() if now - f.time_ms >= self._failure_expiry_ms]
+            for i in old:
+                del record.failures[i]
+            return record if old else None
+
+        expired = 0
+        for model_id, record in self._registry.items():
+            if any(now - f.time_ms >= self._failure_expiry_ms for f in record.failures.values()):
+                try:
+                    await self._registry.update(model_id, fresh_only)
+                    expired += 1
+                except ModelNotFound:
+                    pass
+        return expired
 
     async def invoke(
         self, model_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None

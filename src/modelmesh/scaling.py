@@ -11,8 +11,9 @@ same record, so they agree without talking). That pod estimates the model's traf
 copy's rate times the number of copies: requests are routed to the copy with the fewest in
 flight, so copies carry similar shares.
 
-The leader (``Cluster.is_leader``) also keeps minimum copies for models loaded nowhere and expires
-old load failures from records.
+Each period every pod also reconciles the records with its cache (it is listed exactly for the
+models it holds), and the elected leader (``Cluster.is_leader``) sweeps departed pods' copies,
+expires old load failures from records and restores minimum copies of models that lost them.
 """
 
 from __future__ import annotations
@@ -115,13 +116,16 @@ class CopyKeeper:
                     self._changed_ms[copy.model_id] = now
                     log.info("'%s': %s", copy.model_id, decision.reason)
                     await mesh.drop_copy(copy.model_id)
+        await mesh.forget_own_copies()  # reconcile this pod's cache with the records
         if mesh.cluster is not None and mesh.cluster.is_leader():
             await self._leader_chores()
         self._changed_ms = {m: t for m, t in self._changed_ms.items() if mesh.record(m) is not None}
 
     async def _leader_chores(self) -> None:
-        """Minimum copies for models that have fallen below them (e.g. loaded nowhere after a pod
-        died): the holders keep the rest."""
+        """Sweep copies of departed pods, expire old load failures, and restore minimum copies of
+        models that have fallen below them (e.g. loaded nowhere after a pod died)."""
+        await self._mesh.sweep_dead_copies()
+        await self._mesh.expire_failures()
         for model_id, record in self._mesh.records():
             if record.min_copies > 1 or record.all_pods:
                 try:

@@ -279,34 +279,32 @@ async def test_a_lone_pod_leads(make_cluster: MakeCluster) -> None:
     assert a.is_leader()
 
 
-async def test_the_smallest_live_id_leads(make_cluster: MakeCluster) -> None:
-    b = await make_cluster("pod-b")
-    a = await make_cluster("pod-a")
-    c = await make_cluster("pod-c")
-    await eventually(lambda: all(len(x.view) == 3 for x in (a, b, c)))
+async def test_one_pod_is_elected_and_another_takes_over(make_cluster: MakeCluster) -> None:
+    b = await make_cluster("pod-b", check_interval_s=0.01)
+    a = await make_cluster("pod-a", check_interval_s=0.01)
+    c = await make_cluster("pod-c", check_interval_s=0.01)
+    await eventually(lambda: all(x.leader == "pod-b" for x in (a, b, c)))
+    assert [x.is_leader() for x in (a, b, c)] == [False, True, False]  # the first to campaign
 
-    assert [x.is_leader() for x in (a, b, c)] == [True, False, False]
+    await b.mark_shutting_down()  # a draining pod resigns
+    await eventually(lambda: sum(x.is_leader() for x in (a, c)) == 1)
+    assert not b.is_leader()
+    successor, other = (a, c) if a.is_leader() else (c, a)
 
-    await a.mark_shutting_down()  # a draining pod does not count
-    await eventually(lambda: all(x.view.get("pod-a").shutting_down for x in (b, c)))  # type: ignore[union-attr]
-    assert [x.is_leader() for x in (b, c)] == [True, False]
-
-    await b.close()
-    await eventually(lambda: not c.is_live("pod-b"))
-    assert c.is_leader()
+    await successor.close()  # its lease goes, and the leader key with it
+    await eventually(lambda: other.is_leader())
 
 
 async def test_a_shutting_down_pod_does_not_lead_while_a_live_peer_exists(
     make_cluster: MakeCluster,
 ) -> None:
-    a = await make_cluster("pod-a")
-    b = await make_cluster("pod-b")
+    a = await make_cluster("pod-a", check_interval_s=0.01)
+    b = await make_cluster("pod-b", check_interval_s=0.01)
     await eventually(lambda: a.is_live("pod-b"))
+    assert a.is_leader() and not b.is_leader()
 
     await a.mark_shutting_down()
-    await eventually(lambda: b.view.get("pod-a").shutting_down)  # type: ignore[union-attr]
-
-    assert b.is_leader()
+    await eventually(lambda: b.is_leader())
     assert not a.is_leader()
 
 

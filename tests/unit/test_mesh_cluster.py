@@ -302,3 +302,25 @@ async def test_a_pinned_model_loads_only_on_pods_with_its_labels():
         for p in pods.values():
             await p.stop()
         await store.close()
+
+
+async def test_the_leader_expires_old_failures_and_each_pod_reconciles_its_copies(pods):
+    a, b = pods["pod-a"], pods["pod-b"]
+    for p in pods.values():
+        p.runtime.failing["/m/bad"] = "corrupt"
+    await register(a, "bad")
+    with pytest.raises((ModelLoadFailed, UpstreamError)):
+        await infer(a, "bad")
+    assert a.registry.cached("bad").failures
+    a.clock.advance(61)  # past the 60 s expiry
+    leader = next(p for p in pods.values() if p.cluster.is_leader())
+    await keeper(leader).tick()
+    await until(lambda: not a.registry.cached("bad").failures, "the failures to expire")
+
+    await register(a, "m")
+    await infer(b, "m", forwarded=True)
+    b.runtime.loaded.clear()
+    b.mesh._copies.clear()  # the runtime lost it and the pod noticed, but the record still says b
+    assert "pod-b" in a.registry.cached("m").copies
+    await keeper(b).tick()
+    await until(lambda: "pod-b" not in a.registry.cached("m").copies, "pod-b to correct the record")
