@@ -206,6 +206,7 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
             clock=clock, load_failure_expiry_ms=settings.load_failure_expiry_ms,
             peer_factory=lambda endpoint: PeerClient(endpoint, settings.max_msg_size),
             constraints=parse_type_constraints(settings.type_constraints),
+            churn_guard_ms=settings.churn_guard_ms,
         )
         mesh.start(status)
         closers.append(lambda _g: mesh.close())

@@ -40,7 +40,7 @@ from modelmesh.errors import (
 )
 from modelmesh.metrics import MeshMetrics
 from modelmesh.placement.copies import RateWindow, UseHistory, choose_new_copy_pods
-from modelmesh.placement.eviction import CachedModel, choose_evictions
+from modelmesh.placement.eviction import CachedModel, choose_evictions, churn_guard
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
 from modelmesh.placement.view import (
     ClusterView,
@@ -130,6 +130,7 @@ class Mesh:
         peer_factory: Callable[[str], Forwarder] | None = None,
         constraints: TypeConstraints | None = None,
         rng: random.Random | None = None,
+        churn_guard_ms: int = 0,
     ) -> None:
         self.instance_id = instance_id
         self._registry = registry
@@ -140,6 +141,8 @@ class Mesh:
         self._peer_factory = peer_factory
         self._constraints = constraints or TypeConstraints()
         self._rng = rng or random.Random()
+        # refuse loads that would evict a model used this recently (0: off); see settings
+        self._churn_guard_ms = churn_guard_ms
         self.cluster: Cluster | None = None
         self._peers: dict[str, tuple[str, Forwarder]] = {}
         self._peer_in_flight: dict[str, int] = {}
@@ -715,7 +718,18 @@ class Mesh:
         decision = choose_evictions(others, self.capacity_bytes, needed)
         if not decision.fits:
             raise CapacityExhausted(f"cannot load '{model_id}': {decision.reason}")
+        refusal = self._churning(decision.victims[0]) if decision.victims else None
+        if refusal is not None:
+            raise CapacityExhausted(f"cannot load '{model_id}': {refusal}")
         await self._evict(decision.victims, f"to make room for '{model_id}'")
+
+    def _churning(self, first_victim: str) -> str | None:
+        """The churn guard's refusal when evicting ``first_victim`` would displace a model in
+        recent use (off unless MM_CHURN_GUARD_MS is set)."""
+        if self._churn_guard_ms <= 0:
+            return None
+        return churn_guard(self._copies[first_victim].last_used_ms, self._clock.now_ms(), 0, True,
+                           threshold_ms=self._churn_guard_ms)
 
     def _cached(self, c: LocalCopy) -> CachedModel:
         """A copy as eviction sees it: busy ones stay, used ones outlive idle ones, and a copy that
@@ -760,7 +774,7 @@ class Mesh:
             return
         cache = [self._cached(c) for c in self._copies.values()]
         decision = choose_evictions(cache, self.capacity_bytes, target)
-        if decision.fits and decision.victims:
+        if decision.fits and decision.victims and not self._churning(decision.victims[0]):
             await self._evict(decision.victims, "to keep room for the next load")
 
     async def _settle_after_load(self, model_id: str, size: int) -> None:

@@ -65,6 +65,10 @@ class MeshSettings:
     type_constraints: dict[str, Any] = field(default_factory=dict)
     # requests per minute per copy above which copies are added (MM_SCALEUP_RPM_THRESHOLD)
     scaleup_rpm_threshold: int = 2000
+    # churn guard: a load that would evict a model used less than this long ago is refused with
+    # RESOURCE_EXHAUSTED instead, so a working set far beyond capacity cannot thrash; 0 turns it
+    # off (MM_CHURN_GUARD_MS). ModelMesh's value is 10 x max(3 s, load timeout / 3).
+    churn_guard_ms: int = 0
     # how long a failed load is remembered before the model is tried again (MM_LOAD_FAILURE_EXPIRY_MS)
     load_failure_expiry_ms: int = 15 * 60 * 1000
     # seconds to wait for the runtime to report READY at start (MM_RUNTIME_STARTUP_TIMEOUT_S)
@@ -109,6 +113,7 @@ class MeshSettings:
             type_constraints=constraints,
             scaleup_rpm_threshold=_int(env, "MM_SCALEUP_RPM_THRESHOLD", 2000),
             load_failure_expiry_ms=_int(env, "MM_LOAD_FAILURE_EXPIRY_MS", 15 * 60 * 1000),
+            churn_guard_ms=_int(env, "MM_CHURN_GUARD_MS", 0),
             runtime_startup_timeout_s=float(env.get("MM_RUNTIME_STARTUP_TIMEOUT_S", "60") or 60),
             log_level=env.get("MM_LOG_LEVEL", "INFO") or "INFO",
             advertise_host=env.get("MM_ADVERTISE_ADDRESS") or None,

@@ -289,3 +289,31 @@ async def test_a_store_outage_does_not_stop_a_load_from_serving():
         await mesh.close()
         await registry.close()
         await store.close()
+
+
+async def test_churn_guard_refuses_to_evict_a_model_in_recent_use():
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    registry = Registry(store, "mm/test")
+    await registry.start()
+    runtime = FakeRuntime(capacity=300)
+    mesh = Mesh(instance_id="pod-a", registry=registry, runtime=runtime,
+                metrics=MeshMetrics(CollectorRegistry()), clock=clock, load_failure_expiry_ms=EXPIRY_MS,
+                churn_guard_ms=30_000)
+    mesh.start(await runtime.status())
+    try:
+        for mid in ("a", "b", "c", "d"):
+            await register(mesh, mid)
+        for mid in ("a", "b", "c"):
+            await infer(mesh, mid)
+        clock.advance(5)
+        with pytest.raises(CapacityExhausted, match="churn"):
+            await infer(mesh, "d")  # would evict "a", used 5 s ago
+        assert set(runtime.loaded) == {"a", "b", "c"}
+        clock.advance(30)
+        assert await infer(mesh, "d") == b"req|d"  # "a" has been idle long enough
+        assert "a" not in runtime.loaded
+    finally:
+        await mesh.close()
+        await registry.close()
+        await store.close()

@@ -129,7 +129,9 @@ def churn_threshold_ms(load_timeout_ms: int) -> int:
     return CHURN_FACTOR * max(CHURN_MIN_MS, load_timeout_ms // 3)
 
 
-def churn_guard(oldest_last_used_ms: int, now_ms: int, load_timeout_ms: int, full: bool) -> str | None:
+def churn_guard(
+    oldest_last_used_ms: int, now_ms: int, load_timeout_ms: int, full: bool, *, threshold_ms: int | None = None
+) -> str | None:
     """Why a load must be refused to stop a full pod from thrashing, or ``None`` to go ahead.
 
     A full pod whose first eviction victim was used less than :func:`churn_threshold_ms` ago
@@ -137,10 +139,11 @@ def churn_guard(oldest_last_used_ms: int, now_ms: int, load_timeout_ms: int, ful
     victim would do the reverse: an endless load/evict cycle. Refusing (the mesh answers
     RESOURCE_EXHAUSTED with this reason) sheds the excess instead. ``oldest_last_used_ms`` is the
     last use of the entry that would be evicted first; 0 or less (nothing cached) never refuses.
+    ``threshold_ms`` replaces ModelMesh's window (from the load timeout) when given.
     """
     if not full or oldest_last_used_ms <= 0:
         return None
-    threshold = churn_threshold_ms(load_timeout_ms)
+    threshold = churn_threshold_ms(load_timeout_ms) if threshold_ms is None else threshold_ms
     age = now_ms - oldest_last_used_ms
     if age >= threshold:
         return None
