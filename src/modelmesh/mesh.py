@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 MAX_MODEL_ID_LENGTH = 512
 # a sanity bound on minCopies: more than this is a typo, not a plan
 MAX_MIN_COPIES = 1000
+# a freshly loaded copy no request has used yet is not evicted for this long (ms)
+FRESH_COPY_GRACE_MS = 5_000
 # pods tried for one request before giving up (a copy or placement, then others after failures)
 MAX_ROUTE_ATTEMPTS = 3
 # a load sent to another pod counts against it in placement until it republishes, or this long
@@ -164,6 +166,8 @@ class Mesh:
         # running mean of predicted model sizes: the headroom kept free for the next load
         self._typical_size = 0
         self._headroom_task: asyncio.Task[object] | None = None
+        # record writes removing this pod's copy after an unload, by model
+        self._record_writes: dict[str, asyncio.Task[object]] = {}
         registry.on_removed.append(self._on_model_removed)
         self._export_gauges()
 
@@ -417,6 +421,10 @@ class Mesh:
         return self.place_copies(model_id, missing)
 
     def _default_size(self) -> int:
+        """The size placement assumes for a model it knows nothing of: what models here have
+        typically been predicted at, else the runtime's default."""
+        if self._typical_size:
+            return self._typical_size
         return self._status.default_model_size_bytes if self._status else 1024 * 1024
 
     def _pending_loads(self) -> dict[str, list[PendingLoad]]:
@@ -658,8 +666,7 @@ class Mesh:
                 # The copy goes into the model record while the runtime loads, not before: other
                 # pods see it within a store round trip either way, and the request does not wait
                 # for the write.
-                recorded = asyncio.create_task(self._registry.update(
-                    model_id, lambda r: _with_copy(r, self.instance_id, now)), name=f"record:{model_id}")
+                recorded = asyncio.create_task(self._record_copy(model_id, now), name=f"record:{model_id}")
                 started = self._clock.monotonic()
                 try:
                     result = await self._runtime.load_model(
@@ -699,6 +706,13 @@ class Mesh:
                 del self._copies[model_id]
             raise
 
+    async def _record_copy(self, model_id: str, started_ms: int) -> ModelRecord:
+        # after any removal of an earlier copy still being written, so the two land in order
+        pending = self._record_writes.get(model_id)
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        return await self._registry.update(model_id, lambda r: _with_copy(r, self.instance_id, started_ms))
+
     async def _unload_after(self, recorded: asyncio.Task[ModelRecord], model_id: str) -> None:
         """Unload once the copy's record write is done, so its removal from the record wins."""
         await asyncio.gather(recorded, return_exceptions=True)
@@ -737,10 +751,16 @@ class Mesh:
         record = self._registry.cached(c.model_id)
         pinned = record is not None and (record.all_pods or (
             record.min_copies > 1 and self._live_copy_count(record) <= record.min_copies))
+        now = self._clock.now_ms()
+        # Just loaded and not yet used: the requests that waited for it have not run yet (they wake
+        # after the load task ends), so evicting it now would make them load it again — a thrash
+        # loop. Such a copy counts as busy for a short grace.
+        fresh = c.requests == 0 and c.state is CopyState.LOADED and now - c.state_ms < FRESH_COPY_GRACE_MS \
+            and c.rate.idle(now)
         return CachedModel(
             c.model_id, c.size_bytes, c.last_used_ms,
-            busy=c.state is CopyState.LOADING or c.in_flight > 0,
-            request_rate_rpm=c.rate.rpm(self._clock.now_ms()),
+            busy=c.state is CopyState.LOADING or c.in_flight > 0 or fresh,
+            request_rate_rpm=c.rate.rpm(now),
             min_copies_pinned=pinned,
         )
 
@@ -817,12 +837,21 @@ class Mesh:
         except MeshError as err:
             self._metrics.unload_model_failure.inc()
             log.error("unloading '%s' failed: %s", model_id, err)
+        # The memory is free now; whoever waits for this unload (a load making room) need not
+        # wait for the store too. A reload of the same model waits for this write (_load).
+        self._record_writes[model_id] = self._spawn(self._forget_copy(model_id), f"forget:{model_id}")
+
+    async def _forget_copy(self, model_id: str) -> None:
         try:
             await self._registry.update(model_id, lambda r: _without_copy(r, self.instance_id))
         except ModelNotFound:
             pass
         except MeshError as err:
             log.warning("could not remove the copy of '%s' from its record: %s", model_id, err)
+        finally:
+            task = asyncio.current_task()
+            if self._record_writes.get(model_id) is task:
+                del self._record_writes[model_id]
 
     async def _record_failure(self, model_id: str, message: str) -> None:
         failure = LoadFailure(self._clock.now_ms(), message)

@@ -317,3 +317,29 @@ async def test_churn_guard_refuses_to_evict_a_model_in_recent_use():
         await mesh.close()
         await registry.close()
         await store.close()
+
+
+async def test_a_fresh_copy_is_not_evicted_before_its_waiting_requests_run(parts):
+    """Regression: the background headroom eviction ran between the end of a load and the wake-up
+    of the requests waiting for it, chose the new (unused, so lowest-scored) copy, and every waiter
+    loaded it again: a load/evict loop."""
+    from modelmesh.scaling import CopyKeeper
+
+    mesh, runtime, clock, metrics = parts
+    for i in range(9):
+        runtime.predicted[f"/m/w{i}"] = 100
+        await register(mesh, f"w{i}")
+        for _ in range(5):
+            await infer(mesh, f"w{i}")
+    clock.advance(10)
+    CopyKeeper(mesh, clock, threshold_rpm=lambda: 1e9).fold(clock.now_ms())  # they now have rates
+    runtime.predicted["/m/new"] = 100
+    await register(mesh, "new")
+    runtime.gate = asyncio.Event()
+    waiters = [asyncio.create_task(infer(mesh, "new")) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    runtime.gate.set()
+    assert await asyncio.gather(*waiters) == [b"req|new"] * 5
+    await asyncio.sleep(0.01)
+    assert runtime.load_calls.count("new") == 1
+    assert "new" in runtime.loaded
