@@ -1,0 +1,89 @@
+"""B5, mixed load: many models with Zipf popularity on three pods and one etcd, memory for about
+10% of the models. Reports hit ratio, throughput, p99 and loads per minute through loadtest.load.
+
+    python -m loadtest.bench_mixed [--models 2000] [--zipf 1.1] [--share 0.10] [--duration 60]
+
+The pods' capacity is sized from a measured demo-model size so that `share` of the models fit in
+the cluster at once. Everything started here is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.etcd_server import EtcdServer  # noqa: E402
+
+SERVING = re.compile(r"serving on \S+:(\d+) \(metrics on :(\d+)\)")
+# the built-in runtime's measured size of a 64-wide demo model (docs/runtime.md)
+DEMO_MODEL_BYTES = 91_000
+
+
+def start_pod(etcd: str, index: int, capacity: int, log: Path) -> tuple[subprocess.Popen[str], int, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelmesh.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+         "--metrics-port", "0", "--etcd", etcd, "--capacity", str(capacity), "--instance-id", f"pod-{index}"],
+        stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = SERVING.search(line)
+        if m:
+            return proc, int(m.group(1)), int(m.group(2))
+    raise RuntimeError(f"pod {index} exited: {log.read_text()[-2000:]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=int, default=2000)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--share", type=float, default=0.10, help="share of the models that fit at once")
+    parser.add_argument("--pods", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=60)
+    parser.add_argument("--warmup", type=float, default=20)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
+    capacity = int(args.models * args.share * DEMO_MODEL_BYTES / args.pods)
+    pods: list[subprocess.Popen[str]] = []
+    with EtcdServer() as etcd:
+        try:
+            addresses, metrics = [], []
+            for i in range(args.pods):
+                proc, port, mport = start_pod(etcd.endpoint, i, capacity, tmp / f"pod-{i}.log")
+                pods.append(proc)
+                addresses.append(f"127.0.0.1:{port}")
+                metrics.append(f"127.0.0.1:{mport}")
+            print(f"{args.pods} pods x {capacity} bytes (about {int(args.models * args.share)} of "
+                  f"{args.models} models in the cluster)", flush=True)
+            cmd = [sys.executable, "-m", "loadtest.load", "--register", str(tmp / "models"),
+                   "--models", str(args.models), "--zipf", str(args.zipf),
+                   "--concurrency", str(args.concurrency), "--duration", str(args.duration),
+                   "--warmup", str(args.warmup), "--spread", "random"]
+            for a in addresses:
+                cmd += ["--target", a]
+            for m in metrics:
+                cmd += ["--metrics", m]
+            if args.json:
+                cmd += ["--json", str(args.json)]
+            return subprocess.run(cmd, cwd=ROOT).returncode
+        finally:
+            for proc in pods:
+                proc.terminate()
+            for proc in pods:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
