@@ -16,6 +16,7 @@ from modelmesh.placement.copies import (
     choose_copies_to_remove,
     choose_new_copy_pods,
     copy_targets,
+    project_traffic,
 )
 from modelmesh.placement.view import MIB, ClusterView, InstanceView, ModelView
 
@@ -126,8 +127,10 @@ def _periods_to_reach(*, rpm, start_offset_ms, cluster, periods=3):
     """Traffic at ``rpm`` from ``start_offset_ms`` into a period, spread evenly over the model's
     copies (each with its own RateWindow); the copy rules run at the end of every period and the
     copies they ask for are added at once. Returns the number of periods from the burst's start
-    to the tick at which the model has its target copies (the target for ``rpm``)."""
-    wanted = min(math.ceil(rpm / T), max(1, cluster // 3))
+    to the tick at which the model has its target copies (the target for ``rpm``, less 1%: a
+    period counts whole requests, so a rate a hair above a multiple of the threshold may count
+    a hair below it)."""
+    wanted = min(math.ceil(0.99 * rpm / T), max(1, cluster // 3))
     t0 = (NOW - NOW % RATE_PERIOD_MS) + start_offset_ms
     gap_ms = 60_000 / rpm
     windows = [RateWindow()]
@@ -250,6 +253,28 @@ def test_new_copies_go_to_distinct_quiet_pods_not_the_holders():
     placed = choose_new_copy_pods(cluster, hot, 3, now_ms=NOW, rng=random.Random(1))
     assert len(placed.instance_ids) == 3 and len(set(placed.instance_ids)) == 3
     assert not set(placed.instance_ids) & {"p0", "p1", "p2", "p3"}
+
+
+def test_copies_placed_in_one_round_count_their_traffic():
+    # two quiet pods among busy ones: each hot model's copy takes one, then both look busy
+    cluster = ClusterView(tuple(pod(f"p{i}", rpm=3000 if i < 6 else 1000) for i in range(8)))
+    view = cluster
+    placed = []
+    for mid in ("a", "b", "c"):
+        m = ModelView(mid, "any", MIB, NOW, holders=frozenset({"p0"}))
+        p = choose_new_copy_pods(view, m, 1, now_ms=NOW, rng=random.Random(3), copy_rpm=1500)
+        placed += p.instance_ids
+        view = p.view
+    assert sorted(placed[:2]) == ["p6", "p7"]
+    rates = {i.instance_id: i.request_rate_rpm for i in view.instances}
+    assert rates["p6"] >= 2500 and rates["p7"] >= 2500
+
+
+def test_project_traffic():
+    cluster = ClusterView((pod("a", rpm=100), pod("b", rpm=100)))
+    out = project_traffic(cluster, {"a": 250.4, "zz": 9})
+    assert [i.request_rate_rpm for i in out.instances] == [350, 100]
+    assert project_traffic(cluster, {}) is cluster
 
 
 def test_new_copies_honour_pin_labels_and_stop_when_no_pod_is_left():

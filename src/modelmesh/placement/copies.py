@@ -4,10 +4,11 @@ ModelMesh's copy rules (``MODELMESH-NOTES.md``, "Copies"), kept where they are g
 where they are baroque. All of it is pure: snapshots and the time in, a decision with a reason out.
 
 **Rate tracking** (:class:`RateWindow`). Each copy counts its requests in 10-second periods and
-keeps the last six complete ones (a minute). Its rate is the *larger* of the last complete period
-and the mean of the kept ones, both in requests per minute: up fast (a burst shows at full
-strength at the end of its first complete period), down slow (a quiet period does not hide a
-minute of traffic). A model's rate is the sum over its copies.
+keeps the last six complete ones (a minute). Its rate for the copy rules is the *larger* of the
+last complete period and the mean of the kept ones, both in requests per minute: up fast (a burst
+shows at full strength at the end of its first complete period), down slow (a quiet period does not
+hide a minute of traffic). A model's rate is the sum over its copies. Eviction uses the plain count
+of the last minute instead (:meth:`RateWindow.minute_rpm`), where one request is one, not six.
 
 **How many copies** (:func:`copy_targets`), run every period for each model in use:
 
@@ -47,7 +48,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -75,6 +76,7 @@ __all__ = [
     "choose_copies_to_remove",
     "choose_new_copy_pods",
     "copy_targets",
+    "project_traffic",
 ]
 
 # rate tracking: six 10-second periods make the one-minute window
@@ -137,6 +139,11 @@ class RateWindow:
         if not done:
             return 0.0
         return max(done[-1], sum(done) / len(done)) * _PERIODS_PER_MINUTE
+
+    def minute_rpm(self, now_ms: int) -> float:
+        """Requests in the last six complete periods (a minute; fewer periods count as zeros): how
+        much a copy is used, for eviction. Unlike :meth:`rpm` a single request is 1 rpm, not 6."""
+        return float(sum(self.advanced(now_ms).done))
 
     def idle(self, now_ms: int) -> bool:
         """Nothing counted in the whole window: the caller may drop it."""
@@ -398,17 +405,25 @@ def choose_new_copy_pods(
             break
         chosen.append(decision.instance_id)
         reasons.append(f"{decision.instance_id} ({len(quiet)} quiet pods): {decision.reason}")
-        current = _with_traffic(
+        current = project_traffic(
             project_pending(current, {decision.instance_id: [PendingLoad(model.model_id, size, now_ms)]}),
-            decision.instance_id, copy_rpm,
+            {decision.instance_id: copy_rpm},
         )
     return CopyPlacement(tuple(chosen), "; ".join(reasons) if reasons else "no copies asked", current)
 
 
-def _with_traffic(view: ClusterView, instance_id: str, rpm: float) -> ClusterView:
-    if rpm <= 0:
+def project_traffic(view: ClusterView, added_rpm: Mapping[str, float]) -> ClusterView:
+    """``view`` with more requests per minute on some instances (instance id -> rpm).
+
+    A new copy's traffic shows in its pod's published rate only slowly (the rate is a count over
+    the last minute), so until then the caller adds what it expects: the copy's share of its
+    model's rate, less the part the record already shows. Without this, the next round of
+    scale-ups sees the same pods as quiet and stacks more hot copies on them.
+    """
+    if not any(rpm > 0 for rpm in added_rpm.values()):
         return view
     return replace(view, instances=tuple(
-        replace(i, request_rate_rpm=i.request_rate_rpm + round(rpm)) if i.instance_id == instance_id else i
+        replace(i, request_rate_rpm=i.request_rate_rpm + round(added_rpm[i.instance_id]))
+        if added_rpm.get(i.instance_id, 0) > 0 else i
         for i in view.instances
     ))
