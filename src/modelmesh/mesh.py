@@ -909,7 +909,8 @@ class Mesh:
             min_copies=policy.min_copies, all_pods=policy.all_pods,
             pin_labels=tuple(sorted(set(policy.pin_labels))),
         )
-        if not await self._registry.create(model_id, record):
+        created = await self._registry.create(model_id, record)
+        if not created:
             existing = await self._registry.get(model_id)
             if existing is not None and (existing.record.info, _policy_of(existing.record)) != (
                 info, _policy_of(record)
@@ -923,6 +924,9 @@ class Mesh:
             self.ensure_min_copies(model_id)
         if load_now:
             return await self.ensure_loaded(model_id, sync=sync)
+        if created:
+            # the record just written is the state: no store read needed to report it
+            return self._status_of(model_id, record)
         return await self.status(model_id)
 
     async def unregister(self, model_id: str) -> None:
