@@ -30,7 +30,7 @@ def test_a_model_used_every_few_seconds_outlives_a_once_used_more_recent_one():
     assert d.victims == ("once",) and "weighted by use" in d.reason
 
 
-def test_each_doubling_of_the_rate_is_worth_a_minute():
+def test_each_doubling_of_the_rate_is_worth_the_same_credit():
     assert eviction_score(m("a", rpm=1)) - eviction_score(m("b")) == USE_CREDIT_MS
     assert math.isclose(eviction_score(m("a", rpm=3)) - eviction_score(m("b", rpm=1)), USE_CREDIT_MS)
 
@@ -42,7 +42,7 @@ def test_a_hot_model_gone_quiet_falls_back_to_lru():
 
 
 def test_a_very_hot_model_is_worth_minutes_not_hours():
-    hot = m("hot", used_ago_s=15 * 60, rpm=2000)
+    hot = m("hot", used_ago_s=5 * 60, rpm=2000)
     idle = m("idle", used_ago_s=60)
     assert choose_evictions([hot, idle], 20, 10).victims == ("hot",)
 
