@@ -369,7 +369,7 @@ class Mesh:
         used = sum(r.used_bytes for r in instances) if self.cluster is not None else self.used_bytes()
         return used / capacity if capacity else 1.0
 
-    def place_copies(self, model_id: str, count: int) -> tuple[str, ...]:
+    def place_copies(self, model_id: str, count: int, *, copy_rpm: float = 0.0) -> tuple[str, ...]:
         """Start ``count`` more copies of the model on the pods placement picks (not waiting for
         the loads); returns the pods chosen."""
         record = self._registry.cached(model_id)
@@ -381,7 +381,7 @@ class Mesh:
                           holders=frozenset(self.live_holders(record)), failed=failed)
         placement = choose_new_copy_pods(
             project_pending(self._cluster_view(record), self._pending_loads()), model, count,
-            now_ms=now, rng=self._rng, required_labels=frozenset(record.pin_labels),
+            now_ms=now, rng=self._rng, copy_rpm=copy_rpm, required_labels=frozenset(record.pin_labels),
         )
         for instance_id in placement.instance_ids:
             revision = self.cluster.view.versioned(instance_id)
@@ -760,7 +760,8 @@ class Mesh:
         return CachedModel(
             c.model_id, c.size_bytes, c.last_used_ms,
             busy=c.state is CopyState.LOADING or c.in_flight > 0 or fresh,
-            request_rate_rpm=c.rate.rpm(now),
+            # eviction weighs the plain count of the last minute (one request is one)
+            request_rate_rpm=c.rate.minute_rpm(now),
             min_copies_pinned=pinned,
         )
 

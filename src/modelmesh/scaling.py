@@ -103,7 +103,9 @@ class CopyKeeper:
                 cluster_size=max(1, len(eligible)),
             )
             if decision.target_copies > len(holders):
-                added = mesh.place_copies(copy.model_id, decision.target_copies - len(holders))
+                # each new copy will take about an equal share of the model's traffic
+                added = mesh.place_copies(copy.model_id, decision.target_copies - len(holders),
+                                          copy_rpm=rpm * len(holders) / decision.target_copies)
                 if added:
                     self._changed_ms[copy.model_id] = now
                     log.info("'%s': %s", copy.model_id, decision.reason)
