@@ -220,52 +220,12 @@ def copies(address: str, model_id: str) -> list[tuple[str, int]]:
     return [(c.location, c.copyStatus) for c in info.modelCopyInfos]
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] if len(values) > 1 \
-        else values[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # B2
 
 
-@dataclass
-class RoundResult:
-    target: str
-    concurrency: int
-    requests: int
-    seconds: float
-    throughput: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-
-
-async def run_round(target: str, address: str, body: bytes, concurrency: int, duration: float) -> RoundResult:
-    latencies: list[float] = []
-    errors = 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(INFER)
-        for _ in range(50):  # warm the channel and the servers
-            await call(body, timeout=30)
-        stop_at = time.perf_counter() + duration
-
-        async def worker() -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    await call(body, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return RoundResult(target, concurrency, len(latencies), elapsed, len(latencies) / elapsed,
-                       quantile(latencies, 0.5) * 1000, quantile(latencies, 0.99) * 1000, errors)
+# the same closed-loop round as B1, so the two benchmarks measure alike
+from loadtest.bench_hop import RoundResult, run_round  # noqa: E402
 
 
 def setup(procs: Processes, args: argparse.Namespace) -> dict[str, str]:
