@@ -978,6 +978,11 @@ class Mesh:
             return ModelStatus(ModelState.NOT_FOUND)
         return self._status_of(model_id, versioned.record)
 
+    def cached_status(self, model_id: str) -> ModelStatus:
+        """Status from this pod's view: no store access (for the data plane's ModelReady)."""
+        record = self._registry.cached(model_id)
+        return ModelStatus(ModelState.NOT_FOUND) if record is None else self._status_of(model_id, record)
+
     def list_models(self) -> list[tuple[str, ModelStatus]]:
         return sorted((mid, self._status_of(mid, rec)) for mid, rec in self._registry.items())
 

@@ -118,7 +118,7 @@ class DataPlane:
         """Ready when registered and not failing to load. Does not load the model: a readiness
         probe must not cause load storms; the first inference loads it."""
         model_id = self._mesh.resolve(resolve_target(context.invocation_metadata() or (), body))
-        status = await self._mesh.status(model_id)
+        status = self._mesh.cached_status(model_id)
         return pb.ModelReadyResponse(ready=status.state not in (ModelState.NOT_FOUND, ModelState.LOADING_FAILED))
 
     async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
