@@ -515,6 +515,9 @@ async def register_many(
     async with asyncio.TaskGroup() as workers:
         for _ in range(min(concurrency, len(entries))):
             workers.create_task(worker())
+    # failures in the source's order, not the order concurrent calls happened to finish
+    order = {entry.model_id: i for i, entry in enumerate(entries)}
+    outcome.failures.sort(key=lambda f: order.get(f.model_id, len(order)))
     if connection_error is not None:
         if outcome.registered == 0:
             raise connection_error
