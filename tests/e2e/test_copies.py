@@ -12,7 +12,7 @@ import tritonclient.grpc as tc
 from modelmesh.demo import demo_model_id, write_demo_models
 from modelmesh.proto import model_mesh_pb2 as mpb
 from modelmesh.proto import model_mesh_pb2_grpc as mgrpc
-from tests.e2e.test_cluster import F, check_infer, copies_of, wait_for
+from tests.e2e.test_cluster import F, check_infer, copies_of
 from tests.etcd_server import EtcdServer
 from tests.procs import start_pod
 
