@@ -7,8 +7,8 @@ What is real (imported and called as the mesh calls them):
   (weighted by use) on the chosen pod, and ``eviction.churn_guard`` when turned on;
 - a request for a model with copies: ``load.choose_copy`` (with one copy the answer is that copy),
   fed with the requests the entry pod has in flight to each pod, as ``mesh.py`` does;
-- each pod's published request rate: ``copies.RateWindow.minute_rpm`` over the requests its copies
-  served, as ``mesh.py`` publishes it;
+- each pod's published request rate: ``rates.RateMeter`` on the simulated clock, counting what
+  ``mesh.py`` counts (requests entering the pod, and those forwarded to it);
 - every rate period (10 s): ``copies.RateWindow`` per copy and per model, ``copies.UseHistory``,
   ``copies.copy_targets``, then ``copies.choose_new_copy_pods`` or ``copies.choose_copies_to_remove``.
 
@@ -56,6 +56,7 @@ from modelmesh.placement.copies import (
 from modelmesh.placement.eviction import CachedModel, choose_evictions, churn_guard, eviction_score
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
 from modelmesh.placement.view import ClusterView, CopyView, InstanceView, ModelView, PendingLoad
+from modelmesh.rates import RateMeter
 
 __all__ = ["EVICTION_INPUTS", "MeshSim", "run_mesh"]
 
@@ -71,6 +72,19 @@ _LAST, _CREDIT, _SINCE, _RPM = 0, 1, 2, 3
 _RATE_SPAN_MS = 60_000
 # pods tried for one request before it is refused (mesh.MAX_ROUTE_ATTEMPTS)
 _ROUTE_ATTEMPTS = 3
+
+
+class _SimClock:
+    """The simulated time, for the mesh's RateMeter (a ``modelmesh.clock.Clock``)."""
+
+    def __init__(self) -> None:
+        self.ms = 0
+
+    def now_ms(self) -> int:
+        return self.ms
+
+    def monotonic(self) -> float:
+        return self.ms / 1000
 
 
 class MeshSim:
@@ -102,9 +116,10 @@ class MeshSim:
         # requests in the last minute (at the last rate period): per model, per copy
         self.model_used: dict[int, float] = {}
         self.copy_used: dict[int, float] = {}
-        # each pod's published request rate, as mesh.py counts it: the requests its copies served
-        # over the last minute
-        self.meters = [RateWindow() for _ in range(pods)]
+        # each pod's published request rate, as mesh.py counts it: requests entering the pod,
+        # plus those forwarded to it, over the last minute (the real RateMeter on the sim's clock)
+        self.clock = _SimClock()
+        self.meters = [RateMeter(self.clock) for _ in range(pods)]
         self.history: dict[int, UseHistory] = {}
         self.copies_changed: dict[int, int] = {}
         # copies whose rate (and so eviction credit) is not 0
@@ -151,6 +166,8 @@ class MeshSim:
             while in_flight and in_flight[0][0] <= t:
                 self._finish(in_flight.popleft())
             entry = entries.randrange(pods)
+            self.clock.ms = t
+            self.meters[entry].hit()
             holders = holders_of.get(m)
             if holders:
                 hit = True
@@ -176,7 +193,7 @@ class MeshSim:
             self.in_flight_pod[p] += 1
             if entry != p:
                 self.forwarded[entry][p] += 1
-            self.meters[p] = self.meters[p].add(t)
+                self.meters[p].hit()
             tally.request(t, p, hit)
 
     def _finish(self, done: tuple[int, int, int, int]) -> None:
@@ -345,7 +362,7 @@ class MeshSim:
                 lru = 0
             instances.append(InstanceView(
                 iid, self.capacity, self.used[p], len(self.resident[p]), lru,
-                request_rate_rpm=int(self.meters[p].minute_rpm(t)),
+                request_rate_rpm=self.meters[p].rpm(),
             ))
         # copies added in the last minute show in their pods' rates only in part (a minute's count)
         while self.recent_copies and t - self.recent_copies[0][0] >= _RATE_SPAN_MS:
