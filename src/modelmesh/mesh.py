@@ -51,6 +51,7 @@ from modelmesh.placement.view import (
     PendingLoad,
     TypeConstraints,
 )
+from modelmesh.rates import RateMeter
 from modelmesh.registry import Registry
 from modelmesh.routing import (
     HOP_HEADER,
@@ -149,6 +150,7 @@ class Mesh:
         self._peer_in_flight: dict[str, int] = {}
         # loads sent to other pods that their records may not show yet: (load, record revision then)
         self._pending: dict[str, list[tuple[PendingLoad, int]]] = {}
+        self.requests = RateMeter(clock)
         # ids recently looked up in the store and not found there (see _read_through)
         self._unknown: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=1.0, timer=clock.monotonic)
         self._copies: dict[str, LocalCopy] = {}
@@ -241,6 +243,7 @@ class Mesh:
         picks a pod, maybe this one. A pod that cannot be reached, whose load failed, or that has no
         room is excluded and the next choice tried, at most MAX_ROUTE_ATTEMPTS pods in all.
         """
+        self.requests.hit()
         if target.kind != "vmodel" and self._registry.cached(target.id) is None:
             await self._read_through(target.id)
         model_id = self.resolve(target)
@@ -486,8 +489,7 @@ class Mesh:
             lru_time_ms=self._lru_ms() if self._copies else 0,
             loading_in_flight=len(self._loads),
             loading_slots=status.max_loading_concurrency if status else 1,
-            # what this pod's copies served over the last minute (folded every rate period)
-            request_rate_rpm=int(sum(c.rate.minute_rpm(self._clock.now_ms()) for c in self._copies.values())),
+            request_rate_rpm=self.requests.rpm(),
             labels=labels, zone=zone, version=__version__, start_time_ms=start_ms,
         )
 
