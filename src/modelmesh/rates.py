@@ -1,4 +1,11 @@
-"""Request rates, cheap enough to count on every request."""
+"""Request rates, cheap enough to count on every request.
+
+A pod's published request rate (its instance record) counts every request it routes: those
+entering it and those other pods forward to it. Per-copy rates (``placement.copies.RateWindow``)
+drive copies and eviction. Publishing only what a pod's copies served instead was tried: the
+simulator's load imbalance at 100 pods went from 1.51 to 3.15, because served rates lag a period
+behind and quiet pods then draw every new load.
+"""
 
 from __future__ import annotations
 
