@@ -298,7 +298,7 @@ class Mesh:
             copies = [CopyView(i, self._peer_in_flight.get(i, 0), record.copies[i]) for i in live]
             return choose_copy(copies, local_instance=self.instance_id, prefer_local=prefer_local,
                                now_ms=now, rng=self._rng)
-        failed = {i: f for i, f in record.failures.items() if now - f.time_ms < self._failure_expiry_ms}
+        failed = self._recent_failures(record, now)
         if self._failures.get(model_id) and now - self._failures[model_id].time_ms < self._failure_expiry_ms:
             failed[self.instance_id] = self._failures[model_id]
         model = ModelView(
@@ -316,12 +316,20 @@ class Mesh:
                 reasons = "; ".join(sorted({f.message for f in failed.values()}))
                 raise ModelLoadFailed(f"model '{model_id}' failed to load: {reasons}")
             raise CapacityExhausted(f"no pod can load '{model_id}': {decision.reason}")
-        # Counted against the chosen pod, this one included, until its record is republished:
-        # every pod is judged by its published record plus what we sent it since, alike.
-        revision = self.cluster.view.versioned(decision.instance_id)
-        self._pending.setdefault(decision.instance_id, []).append(
-            (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
+        self._add_pending(decision.instance_id, model_id, now)
         return decision.instance_id
+
+    def _recent_failures(self, record: ModelRecord, now: int) -> dict[str, LoadFailure]:
+        """The record's load failures that have not expired, by instance."""
+        return {i: f for i, f in record.failures.items() if now - f.time_ms < self._failure_expiry_ms}
+
+    def _add_pending(self, instance_id: str, model_id: str, now: int) -> None:
+        """Count a load sent to ``instance_id`` (this pod included) against it until its record is
+        republished: every pod is judged by its published record plus what we sent it since, alike."""
+        assert self.cluster is not None
+        revision = self.cluster.view.versioned(instance_id)
+        self._pending.setdefault(instance_id, []).append(
+            (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
 
     async def _forward(
         self, instance_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
@@ -376,7 +384,7 @@ class Mesh:
         if record is None or count <= 0 or self.cluster is None:
             return ()
         now = self._clock.now_ms()
-        failed = frozenset(i for i, f in record.failures.items() if now - f.time_ms < self._failure_expiry_ms)
+        failed = frozenset(self._recent_failures(record, now))
         model = ModelView(model_id, record.info.type, last_used_ms=record.last_used_ms,
                           holders=frozenset(self.live_holders(record)), failed=failed)
         placement = choose_new_copy_pods(
@@ -384,9 +392,7 @@ class Mesh:
             now_ms=now, rng=self._rng, copy_rpm=copy_rpm, required_labels=frozenset(record.pin_labels),
         )
         for instance_id in placement.instance_ids:
-            revision = self.cluster.view.versioned(instance_id)
-            self._pending.setdefault(instance_id, []).append(
-                (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
+            self._add_pending(instance_id, model_id, now)
             self._spawn(self._load_on(instance_id, model_id), f"copy:{model_id}@{instance_id}")
         if placement.instance_ids:
             log.info("adding %d copies of '%s': %s", len(placement.instance_ids), model_id, placement.reason)
@@ -548,14 +554,14 @@ class Mesh:
         now = self._clock.now_ms()
 
         def fresh_only(record: ModelRecord) -> ModelRecord | None:
-            old = [i for i, f in record.failures.items() if now - f.time_ms >= self._failure_expiry_ms]
+            old = record.failures.keys() - self._recent_failures(record, now).keys()
             for i in old:
                 del record.failures[i]
             return record if old else None
 
         expired = 0
         for model_id, record in self._registry.items():
-            if any(now - f.time_ms >= self._failure_expiry_ms for f in record.failures.values()):
+            if len(self._recent_failures(record, now)) < len(record.failures):
                 try:
                     await self._registry.update(model_id, fresh_only)
                     expired += 1
@@ -1001,7 +1007,7 @@ class Mesh:
             if instance != self.instance_id and (self.cluster is None or self.cluster.is_live(instance)):
                 copies.append(CopyStatus(instance, ModelState.LOADED, started))
         errors = tuple(
-            f.message for f in record.failures.values() if now - f.time_ms < self._failure_expiry_ms
+            f.message for f in self._recent_failures(record, now).values()
         )
         local_failure = self._failures.get(model_id)
         if local_failure is not None and local_failure.message not in errors:
