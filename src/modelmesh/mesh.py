@@ -527,6 +527,38 @@ class Mesh:
             log.info("removed stale copies of this instance from %d model records", swept)
         return swept
 
+    async def restore_own_copies(self) -> int:
+        """Records that lack a copy this pod holds get it back. A pod whose lease lapsed (the
+        store out of its reach for longer than the TTL) has its copies swept from the records by
+        the leader while it still holds and serves them; so does a load whose record write failed
+        while the store was down. Returns how many records changed."""
+
+        def held_since(model_id: str) -> int | None:
+            copy = self._copies.get(model_id)
+            return copy.state_ms if copy is not None and copy.state is CopyState.LOADED else None
+
+        def with_own_copy(model_id: str) -> Callable[[ModelRecord], ModelRecord | None]:
+            def change(record: ModelRecord) -> ModelRecord | None:
+                since = held_since(model_id)  # again on the fresh record: an eviction may have begun
+                if since is None or self.instance_id in record.copies:
+                    return None
+                return _with_copy(record, self.instance_id, since)
+            return change
+
+        restored = 0
+        for model_id in list(self._copies):
+            record = self._registry.cached(model_id)
+            if record is None or self.instance_id in record.copies or held_since(model_id) is None:
+                continue
+            try:
+                await self._registry.update(model_id, with_own_copy(model_id))
+                restored += 1
+            except ModelNotFound:
+                pass
+        if restored:
+            log.info("recorded this instance's copies again in %d model records", restored)
+        return restored
+
     async def _sweep_records(self, stale: Callable[[str, ModelRecord], list[str]]) -> int:
         """Take the copies ``stale`` names out of each record (compare-and-set, re-evaluated on
         the fresh record); returns how many records changed."""

@@ -12,7 +12,7 @@ copy's rate times the number of copies: requests are routed to the copy with the
 flight, so copies carry similar shares.
 
 Each period every pod also reconciles the records with its cache (it is listed exactly for the
-models it holds), and the elected leader (``Cluster.is_leader``) sweeps departed pods' copies,
+models it holds: stale entries go, and copies swept while its lease lapsed come back), and the elected leader (``Cluster.is_leader``) sweeps departed pods' copies,
 expires old load failures from records and restores minimum copies of models that lost them.
 """
 
@@ -118,7 +118,9 @@ class CopyKeeper:
                     self._changed_ms[copy.model_id] = now
                     log.info("'%s': %s", copy.model_id, decision.reason)
                     await mesh.drop_copy(copy.model_id)
-        await mesh.forget_own_copies()  # reconcile this pod's cache with the records
+        # reconcile the records with this pod's cache, both ways
+        await mesh.forget_own_copies()
+        await mesh.restore_own_copies()
         if mesh.cluster is not None and mesh.cluster.is_leader():
             await self._leader_chores()
         self._changed_ms = {m: t for m, t in self._changed_ms.items() if mesh.record(m) is not None}

@@ -47,7 +47,7 @@ class InProcessPeer:
 
 
 class Pod:
-    def __init__(self, instance_id, store, clock, pods):
+    def __init__(self, instance_id, store, clock, pods, *, lease_ttl_s=30.0):
         self.id = instance_id
         self.store, self.clock = store, clock
         self.down = False
@@ -57,7 +57,10 @@ class Pod:
                          metrics=MeshMetrics(CollectorRegistry()), clock=clock, load_failure_expiry_ms=60_000,
                          peer_factory=lambda endpoint: InProcessPeer(pods, endpoint),
                          rng=random.Random(instance_id))
-        self.cluster = Cluster(store, "mm/t", instance_id, clock=clock, lease_ttl_s=30,
+        # The keepalive loop sleeps a third of the TTL in real time, so on the FakeClock a test that
+        # moves time past the TTL in one step expires every pod's lease (tests of minutes of
+        # traffic history pass a longer TTL).
+        self.cluster = Cluster(store, "mm/t", instance_id, clock=clock, lease_ttl_s=lease_ttl_s,
                                figures=lambda: self.mesh.instance_figures(instance_id, (), "", 0),
                                check_interval_s=0.01)
 
@@ -81,20 +84,36 @@ async def until(predicate, what, timeout_s=2.0):
         await asyncio.sleep(0.005)
 
 
-@pytest.fixture
-async def pods():
+async def start_pods(lease_ttl_s: float = 30.0) -> dict[str, Pod]:
     clock = FakeClock()
     store = MemoryStore(clock)
     pods: dict[str, Pod] = {}
     for i in IDS:
-        pods[i] = Pod(i, store, clock, pods)
+        pods[i] = Pod(i, store, clock, pods, lease_ttl_s=lease_ttl_s)
     for p in pods.values():
         await p.start()
     await until(lambda: all(len(p.cluster.view) == 3 for p in pods.values()), "every pod to see the others")
-    yield pods
+    return pods
+
+
+async def stop_pods(pods: dict[str, Pod]) -> None:
     for p in pods.values():
         await p.stop()
-    await store.close()
+    await next(iter(pods.values())).store.close()
+
+
+@pytest.fixture
+async def pods():
+    started = await start_pods()
+    yield started
+    await stop_pods(started)
+
+
+@pytest.fixture
+async def long_lived_pods():
+    started = await start_pods(lease_ttl_s=24 * 3600)
+    yield started
+    await stop_pods(started)
 
 
 async def register(pod: Pod, model_id: str, path: str | None = None):
@@ -324,3 +343,60 @@ async def test_the_leader_expires_old_failures_and_each_pod_reconciles_its_copie
     assert "pod-b" in a.registry.cached("m").copies
     await keeper(b).tick()
     await until(lambda: "pod-b" not in a.registry.cached("m").copies, "pod-b to correct the record")
+
+
+async def test_a_cooled_model_loses_its_extra_copy_when_space_is_needed(long_lived_pods):
+    pods = long_lived_pods
+    a = pods["pod-a"]
+    await register(a, "cool")
+    await infer(a, "cool", forwarded=True)
+    await next_period(pods, a.clock)
+    for _ in range(30):  # 180 rpm, three times the threshold
+        await infer(a, "cool")
+    await next_period(pods, a.clock)
+    keepers = {p.id: keeper(p) for p in pods.values()}
+    await keepers["pod-a"].tick()
+    await until(lambda: sum("cool" in p.runtime.loaded for p in pods.values()) == 2, "a second copy")
+    await until(lambda: len(a.registry.cached("cool").copies) == 2, "the second copy in the record")
+
+    # fill every pod to 97% (100-byte models, 10,000 bytes each)
+    for p in pods.values():
+        for i in range(97 - len(p.runtime.loaded)):
+            await register(a, f"{p.id}-f{i}")
+            await infer(p, f"{p.id}-f{i}", forwarded=True)
+
+    # the traffic stops; after the cool-down (pods republish their figures by then too) every
+    # pod's keeper runs
+    a.clock.advance(4 * 60)
+    await until(lambda: a.mesh.cluster_fullness() >= 0.95, "the cluster to publish it is full")
+    for k in keepers.values():
+        await k.tick()
+    await until(lambda: sum("cool" in p.runtime.loaded for p in pods.values()) == 1, "one copy left")
+    holder = next(p for p in pods.values() if "cool" in p.runtime.loaded)
+    await until(lambda: set(a.registry.cached("cool").copies) == {holder.id}, "the record to follow")
+    assert sum(p.runtime.unload_calls.count("cool") for p in pods.values()) == 1
+    assert await infer(pods["pod-c"], "cool") == b"x|cool"
+    # no other model was unloaded or lost from its record to make that happen
+    assert all(u == ["cool"] or u == [] for u in (p.runtime.unload_calls for p in pods.values()))
+
+
+async def test_copies_swept_while_a_lease_lapsed_come_back_to_the_records(pods):
+    a, b = pods["pod-a"], pods["pod-b"]
+    await register(a, "kept")
+    await infer(b, "kept", forwarded=True)
+    assert "pod-b" in a.registry.cached("kept").copies
+
+    # The store lost pod-b's lease (out of its reach past the TTL) and the leader swept its copies
+    # from the records, as it does for a departed pod; pod-b published again under a new lease,
+    # and its runtime still holds and serves the model.
+    def swept(record):
+        del record.copies["pod-b"]
+        return record
+
+    await a.registry.update("kept", swept)
+    await until(lambda: "pod-b" not in b.registry.cached("kept").copies, "pod-b to see the sweep")
+    assert "kept" in b.runtime.loaded
+    await keeper(b).tick()  # its reconcile restores the entry
+    await until(lambda: "pod-b" in a.registry.cached("kept").copies, "the copy back in the record")
+    assert await infer(a, "kept") == b"x|kept" and b.runtime.invocations[-1] == (INFER, "kept")
+    assert b.runtime.load_calls == ["kept"] and a.runtime.load_calls == []  # never loaded again
