@@ -26,6 +26,7 @@ from modelmesh.api import dataplane, management
 from modelmesh.api.server import build_server
 from modelmesh.clock import Clock, SystemClock
 from modelmesh.cluster import Cluster
+from modelmesh.dynamic import DynamicConfig
 from modelmesh.errors import MeshError, RuntimeUnavailable
 from modelmesh.kv.base import KVStore
 from modelmesh.kv.memory import MemoryStore
@@ -238,7 +239,11 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         closers.append(lambda _g: cluster.close())
         if cluster.is_leader():
             await mesh.sweep_dead_copies()
-        keeper = CopyKeeper(mesh, clock, threshold_rpm=lambda: float(settings.scaleup_rpm_threshold))
+        # run-time parameters: a value under <root>/config/ overrides the environment's
+        dynamic = DynamicConfig(store, settings.key_root, scaleup_rpm_threshold=settings.scaleup_rpm_threshold)
+        await dynamic.start()
+        closers.append(lambda _g: dynamic.close())
+        keeper = CopyKeeper(mesh, clock, threshold_rpm=dynamic.scaleup_rpm_threshold)
         keeper.start()
         closers.append(lambda _g: keeper.close())
 

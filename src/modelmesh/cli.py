@@ -3,6 +3,7 @@
     modelmesh serve        a mesh pod (starts its built-in runtime unless --runtime-endpoint)
     modelmesh runtime      the built-in ONNX runtime alone
     modelmesh models ...   operator commands against a running pod
+    modelmesh config ...   run-time parameters in the cluster's etcd
     modelmesh demo-models  write small ONNX models to try things with
 """
 
@@ -102,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.set_defaults(func=_runtime)
 
     from modelmesh.admin import add_models_parser
+    from modelmesh.configcmd import add_config_parser
     from modelmesh.demo import add_demo_parser
 
     add_models_parser(sub)
+    add_config_parser(sub)
     add_demo_parser(sub)
     return parser
 
