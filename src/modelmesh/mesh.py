@@ -42,6 +42,7 @@ from modelmesh.metrics import MeshMetrics
 from modelmesh.placement.copies import RateWindow, UseHistory, choose_new_copy_pods
 from modelmesh.placement.eviction import CachedModel, choose_evictions, churn_guard
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
+from modelmesh.placement.proactive import PROACTIVE_MAX_LOADS, plan_proactive_loads
 from modelmesh.placement.view import (
     ClusterView,
     CopyView,
@@ -55,6 +56,7 @@ from modelmesh.rates import RateMeter
 from modelmesh.registry import Registry
 from modelmesh.routing import (
     HOP_HEADER,
+    LOAD_AHEAD_HEADER,
     MODEL_METADATA_METHOD,
     RouteTarget,
     encode_string_field,
@@ -247,6 +249,10 @@ class Mesh:
         if target.kind != "vmodel" and self._registry.cached(target.id) is None:
             await self._read_through(target.id)
         model_id = self.resolve(target)
+        if forwarded and method == MODEL_METADATA_METHOD:
+            ahead = _load_ahead_of(metadata)
+            if ahead is not None:
+                return await self._load_ahead(model_id, ahead, method, body, forwarded_metadata(metadata, model_id))
         metadata = forwarded_metadata(metadata, model_id)
         copy = self._copies.get(model_id)
         if forwarded or (copy is not None and copy.state is CopyState.LOADED) or model_id in self._loads \
@@ -398,13 +404,59 @@ class Mesh:
             log.info("adding %d copies of '%s': %s", len(placement.instance_ids), model_id, placement.reason)
         return placement.instance_ids
 
-    async def _load_on(self, instance_id: str, model_id: str) -> None:
+    async def _load_on(self, instance_id: str, model_id: str, *, ahead_of_ms: int = 0) -> None:
+        """Load the model on that pod. ``ahead_of_ms``: a proactive load; the copy takes that time
+        (the model's last use) as its own, so it is the first to go when its pod needs room."""
         if instance_id == self.instance_id:
-            await self._ensure_local(model_id)
+            copy = await self._ensure_local(model_id)
+            if ahead_of_ms:
+                _backdate(copy, ahead_of_ms)
             return
         # a forwarded ModelMetadata is served where it lands, so that pod loads the model
-        await self._forward(instance_id, MODEL_METADATA_METHOD, encode_string_field(1, model_id),
-                            [("mm-model-id", model_id)], None)
+        metadata = [("mm-model-id", model_id)]
+        if ahead_of_ms:
+            metadata.append((LOAD_AHEAD_HEADER, str(ahead_of_ms)))
+        await self._forward(instance_id, MODEL_METADATA_METHOD, encode_string_field(1, model_id), metadata, None)
+
+    async def _load_ahead(self, model_id: str, last_used_ms: int, method: str, body: bytes,
+                          metadata: Metadata) -> bytes:
+        """Another pod's proactive load: load here and answer, without counting it as a use."""
+        copy = await self._ensure_local(model_id)
+        _backdate(copy, last_used_ms)
+        copy.in_flight += 1
+        try:
+            return await self._runtime.invoke(method, body, metadata, None)
+        finally:
+            copy.in_flight -= 1
+
+    def load_into_free_space(self) -> tuple[str, ...]:
+        """Leader's chore: start loads of models held nowhere into the cluster's free space, most
+        recently used first (``placement/proactive.py``); returns the models. Models pinned to
+        labels, or kept at a minimum number of copies, are left to their own rules."""
+        if self.cluster is None:
+            return ()
+        now = self._clock.now_ms()
+        pending = self._pending_loads()
+        on_their_way = {p.model_id for loads in pending.values() for p in loads} | self._loads.keys()
+        candidates = [
+            ModelView(model_id, record.info.type, last_used_ms=record.last_used_ms,
+                      failed=frozenset(self._recent_failures(record, now)))
+            for model_id, record in self._registry.items()
+            if not record.pin_labels and not record.all_pods and record.min_copies <= 1
+            and model_id not in on_their_way and not self.live_holders(record)
+        ]
+        if not candidates:
+            return ()
+        plan = plan_proactive_loads(project_pending(self._cluster_view(), pending), candidates,
+                                    now_ms=now, rng=self._rng, max_loads=PROACTIVE_MAX_LOADS)
+        last_used = {m.model_id: m.last_used_ms for m in candidates}
+        for load in plan.loads:
+            self._add_pending(load.instance_id, load.model_id, now)
+            self._spawn(self._load_on(load.instance_id, load.model_id, ahead_of_ms=max(1, last_used[load.model_id])),
+                        f"ahead:{load.model_id}@{load.instance_id}")
+        if plan.loads:
+            log.info("loading %d models ahead of need: %s", len(plan.loads), plan.reason)
+        return tuple(load.model_id for load in plan.loads)
 
     async def drop_copy(self, model_id: str) -> None:
         """Unload this pod's copy (scaling down); the model stays registered and loaded elsewhere."""
@@ -819,7 +871,7 @@ class Mesh:
             self._metrics.model_evicted.inc()
             self._metrics.age_at_eviction.observe(now - evicted.last_used_ms)
             log.info("evicting '%s' (%d bytes) %s", victim, evicted.size_bytes, why)
-            unloads.append(self._start_unload(victim, evicted=True))
+            unloads.append(self._start_unload(victim, evicted=True, last_used_ms=evicted.last_used_ms))
         if unloads:
             await asyncio.gather(*unloads, return_exceptions=True)
 
@@ -848,8 +900,9 @@ class Mesh:
                 raise ModelLoadFailed(err.message) from err
             log.warning("over capacity after loading '%s': %s", model_id, err.message)
 
-    def _start_unload(self, model_id: str, *, evicted: bool) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._unload(model_id, evicted=evicted), name=f"unload:{model_id}")
+    def _start_unload(self, model_id: str, *, evicted: bool, last_used_ms: int = 0) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._unload(model_id, evicted=evicted, last_used_ms=last_used_ms),
+                                   name=f"unload:{model_id}")
         self._unloads[model_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -861,7 +914,7 @@ class Mesh:
         task.add_done_callback(done)
         return task
 
-    async def _unload(self, model_id: str, *, evicted: bool) -> None:
+    async def _unload(self, model_id: str, *, evicted: bool, last_used_ms: int = 0) -> None:
         started = self._clock.monotonic()
         try:
             async for attempt in AsyncRetrying(
@@ -878,11 +931,13 @@ class Mesh:
             log.error("unloading '%s' failed: %s", model_id, err)
         # The memory is free now; whoever waits for this unload (a load making room) need not
         # wait for the store too. A reload of the same model waits for this write (_load).
-        self._record_writes[model_id] = self._spawn(self._forget_copy(model_id), f"forget:{model_id}")
+        self._record_writes[model_id] = self._spawn(self._forget_copy(model_id, last_used_ms), f"forget:{model_id}")
 
-    async def _forget_copy(self, model_id: str) -> None:
+    async def _forget_copy(self, model_id: str, last_used_ms: int = 0) -> None:
+        """Take this pod's copy out of the record, which keeps the copy's last use as the model's
+        (the order proactive loading brings models back in)."""
         try:
-            await self._registry.update(model_id, lambda r: _without_copy(r, self.instance_id))
+            await self._registry.update(model_id, lambda r: _without_copy(r, self.instance_id, last_used_ms))
         except ModelNotFound:
             pass
         except MeshError as err:
@@ -910,7 +965,7 @@ class Mesh:
             await asyncio.gather(task, return_exceptions=True)
         copy = self._copies.pop(model_id, None)
         if copy is not None:
-            await self._start_unload(model_id, evicted=False)
+            await self._start_unload(model_id, evicted=False, last_used_ms=copy.last_used_ms)
 
     def _on_model_removed(self, model_id: str) -> None:
         self._failures.pop(model_id, None)
@@ -1085,6 +1140,23 @@ class Mesh:
             gauge.set_function(fn)  # type: ignore[attr-defined]
 
 
+def _load_ahead_of(metadata: Metadata) -> int | None:
+    """The model's last use carried by a proactive load's LOAD_AHEAD_HEADER, if there is one."""
+    for key, value in metadata:
+        if key == LOAD_AHEAD_HEADER:
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidRequest(f"{LOAD_AHEAD_HEADER} must be a time in ms, got {value!r}") from None
+    return None
+
+
+def _backdate(copy: LocalCopy, last_used_ms: int) -> None:
+    """A copy loaded ahead of need is as recently used as its model was, unless requests came."""
+    if copy.requests == 0 and copy.history == UseHistory():
+        copy.last_used_ms = min(copy.last_used_ms, last_used_ms)
+
+
 def _policy_of(record: ModelRecord) -> PlacementPolicy:
     return PlacementPolicy(record.min_copies, record.all_pods, record.pin_labels)
 
@@ -1095,10 +1167,11 @@ def _with_copy(record: ModelRecord, instance_id: str, started_ms: int) -> ModelR
     return record
 
 
-def _without_copy(record: ModelRecord, instance_id: str) -> ModelRecord | None:
+def _without_copy(record: ModelRecord, instance_id: str, last_used_ms: int = 0) -> ModelRecord | None:
     if instance_id not in record.copies:
         return None
     del record.copies[instance_id]
+    record.last_used_ms = max(record.last_used_ms, last_used_ms)
     return record
 
 

@@ -26,6 +26,10 @@ HOP_HEADER = "mm-forwarded"
 # sends it to load a model on the pod placement picks (ensureLoaded, repository load)
 MODEL_METADATA_METHOD = "/inference.GRPCInferenceService/ModelMetadata"
 
+# on a pod-to-pod ModelMetadata: a load ahead of need (proactive loading), with the model's last use
+# (ms) for the copy's eviction order; only a pod sets it, so it is dropped from callers' headers
+LOAD_AHEAD_HEADER = "mm-load-ahead"
+
 # "true" from a client that spreads its own load: prefer the pod it called (ModelMesh's header)
 BALANCED_HEADER = "mm-balanced"
 

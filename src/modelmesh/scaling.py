@@ -12,8 +12,10 @@ copy's rate times the number of copies: requests are routed to the copy with the
 flight, so copies carry similar shares.
 
 Each period every pod also reconciles the records with its cache (it is listed exactly for the
-models it holds: stale entries go, and copies swept while its lease lapsed come back), and the elected leader (``Cluster.is_leader``) sweeps departed pods' copies,
-expires old load failures from records and restores minimum copies of models that lost them.
+models it holds: stale entries go, and copies swept while its lease lapsed come back), and the
+elected leader (``Cluster.is_leader``) sweeps departed pods' copies, expires old load failures
+from records, loads models held nowhere into free space every 7 minutes
+(``placement/proactive.py``) and restores minimum copies of models that lost them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from modelmesh.placement.copies import (
     choose_copies_to_remove,
     copy_targets,
 )
+from modelmesh.placement.proactive import PROACTIVE_PERIOD_MS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,9 @@ class CopyKeeper:
         self._period_ms = period_ms
         # when this pod last changed each model's copies (the scale-down cool-down)
         self._changed_ms: dict[str, int] = {}
+        # when this pod (as leader) last loaded models into free space; 0 waits a whole period
+        # from the first tick, so a starting cluster first serves what its requests ask for
+        self._proactive_ms = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -126,10 +132,17 @@ class CopyKeeper:
         self._changed_ms = {m: t for m, t in self._changed_ms.items() if mesh.record(m) is not None}
 
     async def _leader_chores(self) -> None:
-        """Sweep copies of departed pods, expire old load failures, and restore minimum copies of
-        models that have fallen below them (e.g. loaded nowhere after a pod died)."""
+        """Sweep copies of departed pods, expire old load failures, load models held nowhere into
+        free space (every ``PROACTIVE_PERIOD_MS``), and restore minimum copies of models that have
+        fallen below them (e.g. loaded nowhere after a pod died)."""
         await self._mesh.sweep_dead_copies()
         await self._mesh.expire_failures()
+        now = self._clock.now_ms()
+        if not self._proactive_ms:
+            self._proactive_ms = now
+        elif now - self._proactive_ms >= PROACTIVE_PERIOD_MS:
+            self._proactive_ms = now
+            self._mesh.load_into_free_space()
         for model_id, record in self._mesh.records():
             if record.min_copies > 1 or record.all_pods:
                 try:

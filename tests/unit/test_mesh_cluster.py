@@ -400,3 +400,69 @@ async def test_copies_swept_while_a_lease_lapsed_come_back_to_the_records(pods):
     await until(lambda: "pod-b" in a.registry.cached("kept").copies, "the copy back in the record")
     assert await infer(a, "kept") == b"x|kept" and b.runtime.invocations[-1] == (INFER, "kept")
     assert b.runtime.load_calls == ["kept"] and a.runtime.load_calls == []  # never loaded again
+
+
+async def test_the_leader_loads_models_held_nowhere_into_free_space_most_recent_first(long_lived_pods):
+    pods = long_lived_pods
+    a = pods["pod-a"]
+    for p in pods.values():
+        p.runtime.capacity = 1000  # room for 10 models of 100 bytes each
+        p.mesh.capacity_bytes = 1000
+    # pod-b is nearly full already: 9 models there
+    for i in range(9):
+        await register(a, f"busy{i}")
+        await infer(pods["pod-b"], f"busy{i}", forwarded=True)
+    now = a.clock.now_ms()
+    for i in range(20):  # m0 used most recently, m19 longest ago
+        await a.mesh.register(f"m{i}", ModelInfo("onnx", f"/m/m{i}"), load_now=False, sync=False,
+                              last_used_ms=now - 1000 * (i + 1))
+    a.clock.advance(61)  # every pod republishes within a minute, moved or not
+    await until(lambda: all(p.cluster.view.get("pod-b").model_count == 9 for p in pods.values()), "pod-b's record")
+    leader = next(p for p in pods.values() if p.cluster.is_leader())
+    started = leader.mesh.load_into_free_space()
+    # two loading slots on each pod; pod-b has no room to spare (9 of 10: one model's room is kept)
+    assert sorted(started) == sorted(f"m{i}" for i in range(len(started)))  # the most recent ones
+    await until(lambda: sum(len(p.runtime.loaded) for p in pods.values()) == 9 + len(started), "the loads")
+    assert len(started) == 4 and all(not any(f"m{i}" == x for x in pods["pod-b"].runtime.loaded) for i in range(20))
+    assert all(p.runtime.unload_calls == [] for p in pods.values())  # nothing evicted for them
+    # the copies carry the models' last use, so they go first when room is needed
+    for p in pods.values():
+        for copy in p.mesh.loaded_copies():
+            if copy.model_id in started:
+                assert copy.last_used_ms == now - 1000 * (int(copy.model_id[1:]) + 1)
+    # a second run loads the next ones
+    a.clock.advance(61)
+    await until(lambda: all(leader.cluster.view.get(p.id).model_count == len(p.runtime.loaded)
+                            for p in pods.values()), "the pods to publish their loads")
+    more = leader.mesh.load_into_free_space()
+    assert more and set(more).isdisjoint(started)
+
+
+async def test_an_unloaded_copy_leaves_its_last_use_in_the_record(pods):
+    a = pods["pod-a"]
+    await register(a, "m")
+    registered = a.registry.cached("m").last_used_ms
+    await infer(a, "m", forwarded=True)
+    a.clock.advance(5)
+    await infer(a, "m", forwarded=True)
+    used = a.mesh._copies["m"].last_used_ms
+    assert used > registered
+    await a.mesh.drop_copy("m")
+    await until(lambda: "pod-a" not in a.registry.cached("m").copies, "the copy to leave the record")
+    assert a.registry.cached("m").last_used_ms == used
+
+
+async def test_the_leaders_keeper_loads_ahead_every_seven_minutes_not_at_once(long_lived_pods):
+    pods = long_lived_pods
+    a = pods["pod-a"]
+    for i in range(3):
+        await register(a, f"r{i}")
+    leader = next(p for p in pods.values() if p.cluster.is_leader())
+    k = keeper(leader)
+    await k.tick()
+    await asyncio.sleep(0.05)
+    assert all(p.runtime.load_calls == [] for p in pods.values())  # a starting cluster waits
+    a.clock.advance(7 * 60)
+    await k.tick()
+    await until(lambda: sum(len(p.runtime.loaded) for p in pods.values()) == 3, "the three loaded ahead")
+    assert all(len(a.registry.cached(f"r{i}").copies) == 1 for i in range(3))
