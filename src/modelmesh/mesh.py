@@ -52,10 +52,10 @@ from modelmesh.placement.view import (
     PendingLoad,
     TypeConstraints,
 )
+from modelmesh.peers import Peers
 from modelmesh.rates import RateMeter
 from modelmesh.registry import Registry
 from modelmesh.routing import (
-    HOP_HEADER,
     LOAD_AHEAD_HEADER,
     MODEL_METADATA_METHOD,
     RouteTarget,
@@ -142,14 +142,12 @@ class Mesh:
         self._metrics = metrics
         self._clock = clock
         self._failure_expiry_ms = load_failure_expiry_ms
-        self._peer_factory = peer_factory
         self._constraints = constraints or TypeConstraints()
         self._rng = rng or random.Random()
         # refuse loads that would evict a model used this recently (0: off); see settings
         self._churn_guard_ms = churn_guard_ms
         self.cluster: Cluster | None = None
-        self._peers: dict[str, tuple[str, Forwarder]] = {}
-        self._peer_in_flight: dict[str, int] = {}
+        self._peers = Peers(peer_factory, this_instance=instance_id)
         # loads sent to other pods that their records may not show yet: (load, record revision then)
         self._pending: dict[str, list[tuple[PendingLoad, int]]] = {}
         self.requests = RateMeter(clock)
@@ -195,9 +193,7 @@ class Mesh:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *self._unloads.values(), return_exceptions=True)
-        peers = [client for _, client in self._peers.values()]
-        self._peers.clear()
-        await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
+        await self._peers.close()
 
     def _spawn(self, coro: object, name: str) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
@@ -301,7 +297,7 @@ class Mesh:
         now = self._clock.now_ms()
         live = [i for i in record.copies if i not in excluded and self.cluster.is_live(i)]
         if live:
-            copies = [CopyView(i, self._peer_in_flight.get(i, 0), record.copies[i]) for i in live]
+            copies = [CopyView(i, self._peers.in_flight(i), record.copies[i]) for i in live]
             return choose_copy(copies, local_instance=self.instance_id, prefer_local=prefer_local,
                                now_ms=now, rng=self._rng)
         failed = self._recent_failures(record, now)
@@ -340,20 +336,11 @@ class Mesh:
     async def _forward(
         self, instance_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
     ) -> bytes:
-        assert self.cluster is not None and self._peer_factory is not None
+        assert self.cluster is not None
         endpoint = self.cluster.endpoint(instance_id)
         if endpoint is None:
             raise Unavailable(f"pod {instance_id} has left the cluster")
-        known = self._peers.get(instance_id)
-        if known is None or known[0] != endpoint:
-            if known is not None:
-                self._spawn(known[1].close(), f"close-peer:{instance_id}")
-            known = self._peers[instance_id] = (endpoint, self._peer_factory(endpoint))
-        self._peer_in_flight[instance_id] = self._peer_in_flight.get(instance_id, 0) + 1
-        try:
-            return await known[1].invoke(method, body, [*metadata, (HOP_HEADER, self.instance_id)], timeout_s)
-        finally:
-            self._peer_in_flight[instance_id] -= 1
+        return await self._peers.invoke(instance_id, endpoint, method, body, metadata, timeout_s)
 
     # ------------------------------------------------------------------ copies (see scaling.py)
 
@@ -553,9 +540,7 @@ class Mesh:
 
     def _on_instance_removed(self, instance_id: str) -> None:
         self._pending.pop(instance_id, None)
-        known = self._peers.pop(instance_id, None)
-        if known is not None:
-            self._spawn(known[1].close(), f"close-peer:{instance_id}")
+        self._peers.forget(instance_id)
         if self.cluster is not None and self.cluster.is_leader():
             self._spawn(self.sweep_dead_copies(), "sweep-dead-copies")
 
