@@ -37,6 +37,17 @@ from modelmesh.proto import model_runtime_pb2 as rpb
 from modelmesh.proto import model_runtime_pb2_grpc as rgrpc
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+# how the pod's process is started, per event loop (--pod-loop): the same `modelmesh` CLI, with
+# uvloop's event loop policy installed first, so asyncio.run() in run_mesh runs on uvloop
+POD_LOOP_ARGS = {
+    "asyncio": ("-m", "modelmesh.cli"),
+    "uvloop": ("-c", "import sys, uvloop; uvloop.install(); from modelmesh.cli import main; sys.exit(main())"),
+}
+
+
+def mesh_target(loop: str) -> str:
+    """Round label of a pod on ``loop``: "mesh" for the default loop, so earlier outputs still read."""
+    return "mesh" if loop == "asyncio" else f"mesh-{loop}"
 
 
 @dataclass
@@ -49,6 +60,9 @@ class RoundResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    # CPU time of the serving process(es) per request (warm-up calls included): steadier than the
+    # throughput on a machine shared with other work; 0 when not measured
+    server_cpu_ms: float = 0.0
 
 
 def start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
@@ -59,6 +73,25 @@ def start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen[str], re.Match
         if m:
             return proc, m
     raise RuntimeError(f"{cmd[3]} exited with {proc.wait()}")
+
+
+def cpu_s(*pids: int) -> float:
+    """User + system CPU seconds of running processes (their threads included)."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+WARMUP_CALLS = 50
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def infer_request(model_id: str, features: int) -> bytes:
@@ -74,7 +107,7 @@ async def run_round(target: str, address: str, body: bytes, concurrency: int, du
     errors = 0
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(INFER)
-        for _ in range(50):  # warm the channel and both servers
+        for _ in range(WARMUP_CALLS):  # warm the channel and both servers
             await call(body)
         stop_at = time.perf_counter() + duration
 
@@ -107,6 +140,9 @@ def main() -> int:
     parser.add_argument("--pod-runtime", choices=("endpoint", "inprocess"), default="endpoint",
                         help="endpoint: the pod fronts the measured runtime process; inprocess: the pod "
                              "hosts its own runtime (the baseline is the runtime process, same model)")
+    parser.add_argument("--pod-loop", nargs="+", choices=sorted(POD_LOOP_ARGS), default=["asyncio"],
+                        help="event loop(s) of the pod; with several, one pod per loop, all measured in "
+                             "the same alternating rounds")
     parser.add_argument("--uds", action="store_true",
                         help="the runtime listens on a Unix socket (the pod and the direct client use it)")
     args = parser.parse_args()
@@ -120,53 +156,71 @@ def main() -> int:
         runtime_cmd += ["--socket-path", str(tmp / "runtime.sock")]
     runtime, m = start(runtime_cmd, r"listening on (\S+)")
     runtime_addr = m.group(1)
-    pod = None
+    pods: list[subprocess.Popen[str]] = []
     try:
         runtime_flags = ["--runtime", "inprocess"] if args.pod_runtime == "inprocess" \
             else ["--runtime-endpoint", runtime_addr]
-        pod, m = start([py, "-m", "modelmesh.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-                        "--metrics-port", "0", "--capacity", str(1 << 30), *runtime_flags],
-                       r"serving on \S+:(\d+)")
-        pod_addr = f"127.0.0.1:{m.group(1)}"
-        with grpc.insecure_channel(pod_addr) as ch:
-            mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
-                modelId=model_id, loadNow=True, sync=True, modelInfo=mpb.ModelInfo(type="onnx", path=str(path))))
+        targets = [("direct", runtime_addr)]
+        pids = {"direct": runtime.pid}
+        for loop in args.pod_loop:
+            pod, m = start([py, *POD_LOOP_ARGS[loop], "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+                            "--metrics-port", "0", "--capacity", str(1 << 30), *runtime_flags],
+                           r"serving on \S+:(\d+)")
+            pods.append(pod)
+            pod_addr = f"127.0.0.1:{m.group(1)}"
+            label = mesh_target(loop)
+            if any(t == label for t, _ in targets):  # the same loop twice: an A/A check of the set-up
+                label += f"-{len(targets)}"
+            targets.append((label, pod_addr))
+            pids[label] = pod.pid
+            with grpc.insecure_channel(pod_addr) as ch:
+                mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
+                    modelId=model_id, loadNow=True, sync=True,
+                    modelInfo=mpb.ModelInfo(type="onnx", path=str(path))))
         if args.pod_runtime == "inprocess":
             with grpc.insecure_channel(runtime_addr) as ch:
                 rgrpc.ModelRuntimeStub(ch).loadModel(rpb.LoadModelRequest(
                     modelId=model_id, modelType="onnx", modelPath=str(path)))
         body = infer_request(model_id, args.features)
+        print(f"loadavg {loadavg()} before the rounds", flush=True)
         results: list[RoundResult] = []
         for c in args.concurrency:
             for _ in range(args.rounds):
-                for target, address in (("direct", runtime_addr), ("mesh", pod_addr)):
+                for target, address in targets:
+                    cpu0 = cpu_s(pids[target])
                     r = asyncio.run(run_round(target, address, body, c, args.duration))
+                    r.server_cpu_ms = (cpu_s(pids[target]) - cpu0) * 1000 / (r.requests + r.errors + WARMUP_CALLS)
                     results.append(r)
-                    print(f"  {target:6} c={c:<3} {r.throughput:8.0f} req/s  p50 {r.p50_ms:6.3f} ms  "
-                          f"p99 {r.p99_ms:6.3f} ms  errors {r.errors}", flush=True)
+                    print(f"  {target:11} c={c:<3} {r.throughput:8.0f} req/s  p50 {r.p50_ms:6.3f} ms  "
+                          f"p99 {r.p99_ms:6.3f} ms  server CPU {r.server_cpu_ms:.3f} ms/req  errors {r.errors}  "
+                          f"(loadavg {loadavg()})", flush=True)
     finally:
-        for proc in (pod, runtime):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=20)
+        for proc in (*pods, runtime):
+            proc.terminate()
+            proc.wait(timeout=20)
 
     print(f"\nB1 local hop (pod runtime: {args.pod_runtime}) — {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, "
-          f"Python {platform.python_version()}, {args.duration:.0f} s x {args.rounds} rounds each")
-    print(f"{'conc':>4} {'direct req/s':>13} {'mesh req/s':>11} {'ratio':>6} {'direct p50':>11} "
-          f"{'added p50':>10} {'direct p99':>11} {'added p99':>10}")
+          f"Python {platform.python_version()}, {args.duration:.0f} s x {args.rounds} rounds each; "
+          f"loadavg {loadavg()} at the end")
+    print(f"{'pod':>12} {'conc':>4} {'direct req/s':>13} {'mesh req/s':>11} {'ratio':>6} {'direct p50':>11} "
+          f"{'added p50':>10} {'direct p99':>11} {'added p99':>10} {'CPU ms/req direct':>18} {'mesh':>6}")
     summary = []
     for c in args.concurrency:
-        d = [r for r in results if r.concurrency == c and r.target == "direct"]
-        h = [r for r in results if r.concurrency == c and r.target == "mesh"]
-        dt, ht = statistics.mean(r.throughput for r in d), statistics.mean(r.throughput for r in h)
-        d50, h50 = statistics.median(r.p50_ms for r in d), statistics.median(r.p50_ms for r in h)
-        d99, h99 = statistics.median(r.p99_ms for r in d), statistics.median(r.p99_ms for r in h)
-        row = {"concurrency": c, "direct_rps": dt, "mesh_rps": ht, "ratio": ht / dt,
-               "direct_p50_ms": d50, "added_p50_ms": h50 - d50, "direct_p99_ms": d99, "added_p99_ms": h99 - d99}
-        summary.append(row)
-        print(f"{c:>4} {dt:>13.0f} {ht:>11.0f} {ht / dt:>6.2f} {d50:>9.3f}ms {h50 - d50:>8.3f}ms "
-              f"{d99:>9.3f}ms {h99 - d99:>8.3f}ms")
+        for mesh, _ in targets[1:]:
+            d = [r for r in results if r.concurrency == c and r.target == "direct"]
+            h = [r for r in results if r.concurrency == c and r.target == mesh]
+            dt, ht = statistics.mean(r.throughput for r in d), statistics.mean(r.throughput for r in h)
+            d50, h50 = statistics.median(r.p50_ms for r in d), statistics.median(r.p50_ms for r in h)
+            d99, h99 = statistics.median(r.p99_ms for r in d), statistics.median(r.p99_ms for r in h)
+            dcpu = statistics.median(r.server_cpu_ms for r in d)
+            hcpu = statistics.median(r.server_cpu_ms for r in h)
+            row = {"pod": mesh, "concurrency": c, "direct_rps": dt, "mesh_rps": ht, "ratio": ht / dt,
+                   "direct_p50_ms": d50, "added_p50_ms": h50 - d50, "direct_p99_ms": d99,
+                   "added_p99_ms": h99 - d99, "direct_cpu_ms_per_req": dcpu, "mesh_cpu_ms_per_req": hcpu}
+            summary.append(row)
+            print(f"{mesh:>12} {c:>4} {dt:>13.0f} {ht:>11.0f} {ht / dt:>6.2f} {d50:>9.3f}ms {h50 - d50:>8.3f}ms "
+                  f"{d99:>9.3f}ms {h99 - d99:>8.3f}ms {dcpu:>18.3f} {hcpu:>6.3f}")
     if args.json:
         args.json.write_text(json.dumps({"rounds": [asdict(r) for r in results], "summary": summary}, indent=2))
     return 0

@@ -43,6 +43,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 SERVING = re.compile(r"serving on \S+:(\d+)")
 
@@ -78,6 +79,10 @@ def pod_main(argv: list[str]) -> int:
             print("\n".join(lines), file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGUSR1, report)
+    if os.environ.get("BENCH_POD_LOOP") == "uvloop":
+        import uvloop
+
+        uvloop.install()  # asyncio.run() in run_mesh then runs on uvloop
     from modelmesh.cli import main
 
     return main(["serve", *argv])
@@ -99,6 +104,7 @@ class RegistrationRun:
     etcd_cpu_ms: float = 0.0
     client_cpu_ms: float = 0.0
     load_average: float = 0.0  # 1-minute load average before the run
+    pod_loop: str = "asyncio"
 
 
 @dataclass
@@ -132,8 +138,10 @@ class Results:
 class Pod:
     """One pod process (the wrapper above around ``modelmesh serve``)."""
 
-    def __init__(self, etcd: str, service: str, log_dir: Path, *, tracemalloc: bool = False) -> None:
-        env = dict(os.environ, MM_SERVICE_NAME=service, MM_LOG_LEVEL="WARNING")
+    def __init__(self, etcd: str, service: str, log_dir: Path, *, tracemalloc: bool = False,
+                 loop: str = "asyncio") -> None:
+        env = dict(os.environ, MM_SERVICE_NAME=service, MM_LOG_LEVEL="WARNING", BENCH_POD_LOOP=loop)
+        self.loop = loop
         if tracemalloc:
             env["BENCH_TRACEMALLOC"] = "1"
         self.log_path = log_dir / f"pod-{service}-{time.monotonic_ns()}.log"
@@ -218,7 +226,7 @@ def register_bulk(pod: Pod, etcd_pid: int, source: Path, concurrency: int, model
         print(f"  register-bulk exited {done.returncode}: {done.stdout[-2000:]}{done.stderr[-2000:]}", flush=True)
     per = 1000 / max(registered, 1)
     return RegistrationRun(concurrency, models, registered, seconds, registered / seconds,
-                           (pod1 - pod0) * per, (etcd1 - etcd0) * per, (client1 - client0) * per, load)
+                           (pod1 - pod0) * per, (etcd1 - etcd0) * per, (client1 - client0) * per, load, pod.loop)
 
 
 def deep_size(obj: object, seen: set[int] | None = None) -> int:
@@ -316,7 +324,7 @@ def run(args: argparse.Namespace) -> Results:
     etcd = EtcdServer(data_dir)
     pods: list[Pod] = []
 
-    def pod(service: str, **kw: bool) -> Pod:
+    def pod(service: str, **kw: Any) -> Pod:
         p = Pod(etcd.endpoint, service, tmp, **kw)
         pods.append(p)
         return p
@@ -328,16 +336,18 @@ def run(args: argparse.Namespace) -> Results:
     try:
         etcd.start()
         print(f"etcd at {etcd.endpoint} (data in {etcd.data_dir})", flush=True)
-        full = f"reg-c{args.concurrency[0]}"
-        for c in args.concurrency:
-            p = pod(f"reg-c{c}")
-            r = register_bulk(p, etcd_pid(etcd), source, c, args.models)
-            results.registration.append(r)
-            print(f"  register-bulk c={c:<4} {r.registered} in {r.seconds:6.2f} s  {r.per_second:7.0f}/s  CPU ms per "
-                  f"registration: pod {r.pod_cpu_ms:.2f}, etcd {r.etcd_cpu_ms:.2f}, client {r.client_cpu_ms:.2f} "
-                  f"(load average before: {r.load_average:.1f})", flush=True)
-            stop(p)
-        for i in range(args.starts):
+        full = f"reg-c{args.concurrency[0]}-{args.pod_loop[0]}-0"
+        for i, c in enumerate(args.concurrency):
+            for loop in args.pod_loop:  # alternating, so drift on the machine hits each loop alike
+                p = pod(f"reg-c{c}-{loop}-{i}", loop=loop)
+                r = register_bulk(p, etcd_pid(etcd), source, c, args.models)
+                results.registration.append(r)
+                print(f"  register-bulk c={c:<4} {r.registered} in {r.seconds:6.2f} s  {r.per_second:7.0f}/s  CPU ms "
+                      f"per registration: pod {r.pod_cpu_ms:.2f}, etcd {r.etcd_cpu_ms:.2f}, client "
+                      f"{r.client_cpu_ms:.2f} (load average before: {r.load_average:.1f}; pod loop {loop})",
+                      flush=True)
+                stop(p)
+        for i in range(0 if args.registrations_only else args.starts):
             for service, records in ((full, args.models), ("empty", 0)):
                 p = pod(service)
                 n = p.index()
@@ -353,7 +363,8 @@ def run(args: argparse.Namespace) -> Results:
                     print(p.log_path.read_text(errors="replace"), flush=True)
                 print(f"  start with {records:>6} records: serving {started.to_serving_s:5.2f} s, index ({n}) "
                       f"{to_index:5.2f} s, RSS {rss / 1024:6.1f} MiB", flush=True)
-        measure_view(etcd.endpoint, full, args.models, results)
+        if not args.registrations_only:
+            measure_view(etcd.endpoint, full, args.models, results)
     finally:
         for p in list(pods):
             p.stop()
@@ -370,12 +381,13 @@ def run(args: argparse.Namespace) -> Results:
 def report(results: Results) -> dict[str, object]:
     n = results.models
     print(f"\nB4 registry scale — {results.machine}; {n} models, one etcd, pods and client on the same machine")
-    print(f"{'register-bulk concurrency':>26} {'seconds':>8} {'models/s':>9}   CPU ms/model: {'pod':>5} {'etcd':>5} "
-          f"{'client':>6} {'total':>5}  load avg")
+    print(f"{'register-bulk concurrency':>26} {'pod loop':>8} {'seconds':>8} {'models/s':>9}   CPU ms/model: "
+          f"{'pod':>5} {'etcd':>5} {'client':>6} {'total':>5}  load avg")
     for r in results.registration:
         total = r.pod_cpu_ms + r.etcd_cpu_ms + r.client_cpu_ms
-        print(f"{r.concurrency:>26} {r.seconds:>8.2f} {r.per_second:>9.0f}   {'':13} {r.pod_cpu_ms:>5.2f} "
-              f"{r.etcd_cpu_ms:>5.2f} {r.client_cpu_ms:>6.2f} {total:>5.2f}  {r.load_average:>8.1f}")
+        print(f"{r.concurrency:>26} {r.pod_loop:>8} {r.seconds:>8.2f} {r.per_second:>9.0f}   {'':13} "
+              f"{r.pod_cpu_ms:>5.2f} {r.etcd_cpu_ms:>5.2f} {r.client_cpu_ms:>6.2f} {total:>5.2f}  "
+              f"{r.load_average:>8.1f}")
 
     def med(values: list[float]) -> float:
         return statistics.median(values) if values else 0.0
@@ -386,7 +398,7 @@ def report(results: Results) -> dict[str, object]:
     rss_empty = med([m.rss_kb for m in results.memory if m.records == 0])
     per_model = (rss_full - rss_empty) * 1024 / n
     summary = {
-        "registrations_per_s": {r.concurrency: r.per_second for r in results.registration},
+        "registrations_per_s": {f"{r.concurrency}/{r.pod_loop}": r.per_second for r in results.registration},
         "start_to_serving_s": med([s.to_serving_s for s in full_start]),
         "start_to_index_s": med([s.to_index_s for s in full_start]),
         "empty_start_to_serving_s": med([s.to_serving_s for s in empty_start]),
@@ -420,6 +432,10 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 8, 128],
                         help="register-bulk --concurrency values; the first one's registry is the one started on")
+    parser.add_argument("--pod-loop", nargs="+", choices=("asyncio", "uvloop"), default=["asyncio"],
+                        help="event loop(s) of the registering pod; with several, each concurrency runs once "
+                             "per loop, alternating (starts and memory use the first)")
+    parser.add_argument("--registrations-only", action="store_true", help="skip the start and memory parts")
     parser.add_argument("--starts", type=int, default=3, help="new-pod starts of each kind (median reported)")
     parser.add_argument("--etcd-dir", help="parent dir of etcd's data (default /dev/shm, as the tests)")
     parser.add_argument("--tracemalloc", action="store_true",

@@ -138,6 +138,9 @@ class Processes:
         m = self.start(name, ["runtime", "--grpc-port", "0", "--capacity", str(capacity)], r"listening on (\S+)")
         return m.group(1)
 
+    def pid(self, name: str) -> int:
+        return next(proc.pid for n, proc in self._procs if n == name)
+
     def log(self, name: str) -> str:
         try:
             return (self.tmp / f"{name}.log").read_text(errors="replace")
@@ -220,12 +223,24 @@ def copies(address: str, model_id: str) -> list[tuple[str, int]]:
     return [(c.location, c.copyStatus) for c in info.modelCopyInfos]
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile of ``values`` (bench_cold's summaries)."""
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] if len(values) > 1 \
+        else values[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # B2
 
 
 # the same closed-loop round as B1, so the two benchmarks measure alike
-from loadtest.bench_hop import RoundResult, run_round  # noqa: E402
+from loadtest.bench_hop import POD_LOOP_ARGS, RoundResult, run_round  # noqa: E402
+
+
+def pod_names(loop: str) -> tuple[str, str]:
+    """Names of the (entering, holding) pods on ``loop``; the default loop keeps the plain names."""
+    suffix = "" if loop == "asyncio" else f"-{loop}"
+    return f"pod-a{suffix}", f"pod-b{suffix}"
 
 
 def setup(procs: Processes, args: argparse.Namespace) -> dict[str, str]:
@@ -235,31 +250,35 @@ def setup(procs: Processes, args: argparse.Namespace) -> dict[str, str]:
     # removes the very hop measured here: the threshold is raised out of reach unless --allow-copies.
     env = {} if args.allow_copies else {"MM_SCALEUP_RPM_THRESHOLD": str(NO_SCALEUP_RPM)}
     addrs = {}
-    addrs["pod-a"], addrs["metrics-a"] = procs.start_pod("pod-a", "--capacity", cap, "--etcd", etcd,
-                                                         "--instance-id", "pod-a", env=env)
-    addrs["pod-b"], addrs["metrics-b"] = procs.start_pod("pod-b", "--capacity", cap, "--etcd", etcd,
-                                                         "--instance-id", "pod-b", env=env)
+    for loop in args.pod_loop:
+        # one pair of pods per event loop, each pair its own cluster (service name) on the one etcd
+        pair_env = {**env, "MM_SERVICE_NAME": f"bench-{loop}"}
+        python = POD_LOOP_ARGS[loop]
+        for name in pod_names(loop):
+            addrs[name], addrs[f"metrics-{name}"] = procs.start_pod(
+                name, "--capacity", cap, "--etcd", etcd, "--instance-id", name, env=pair_env, python=python)
     if args.b1:
         addrs["runtime"] = procs.start_runtime("runtime", 1 << 30)
     return addrs
 
 
-def load_on_pod_b(addrs: dict[str, str], model_id: str, path: Path, body: bytes) -> None:
-    with grpc.insecure_channel(addrs["pod-b"]) as ch:
+def load_on_pod_b(addrs: dict[str, str], model_id: str, path: Path, body: bytes, loop: str = "asyncio") -> None:
+    pod_a, pod_b = pod_names(loop)
+    with grpc.insecure_channel(addrs[pod_b]) as ch:
         mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
             modelId=model_id, loadNow=False, modelInfo=mpb.ModelInfo(type="onnx", path=str(path))), timeout=30)
         ch.unary_unary(INFER)(body, metadata=[("mm-forwarded", "bench")], timeout=60)
     # pod A's view must know the copy (status reads the store; the routing view follows by watch)
     deadline = time.monotonic() + 10
     while True:
-        seen = {pod: copies(addrs[pod], model_id) for pod in ("pod-a", "pod-b")}
-        if all([loc for loc, _ in c] == ["pod-b"] for c in seen.values()):
+        seen = {pod: copies(addrs[pod], model_id) for pod in (pod_a, pod_b)}
+        if all([loc for loc, _ in c] == [pod_b] for c in seen.values()):
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"model copies are not [pod-b] only: {seen}")
+            raise RuntimeError(f"model copies are not [{pod_b}] only: {seen}")
         time.sleep(0.1)
     time.sleep(0.5)  # and let pod A's watch deliver the record the status just read from etcd
-    if "runtime" in addrs:
+    if "runtime" in addrs and loop == "asyncio":
         with grpc.insecure_channel(addrs["runtime"]) as ch:
             rgrpc.ModelRuntimeStub(ch).loadModel(rpb.LoadModelRequest(
                 modelId=model_id, modelType="onnx", modelPath=str(path)), timeout=60)
@@ -297,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-copies", action="store_true",
                         help="leave MM_SCALEUP_RPM_THRESHOLD at its default: the pods may then add a copy "
                              "on pod A under load, and the run is reported invalid")
+    parser.add_argument("--pod-loop", nargs="+", choices=sorted(POD_LOOP_ARGS), default=["asyncio"],
+                        help="event loop(s) of the pods; with several, one pair of pods per loop (each its "
+                             "own service name), all measured in the same alternating rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -307,41 +329,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = write_demo_models(procs.tmp / "models", 1, args.features)[0]
         addrs = setup(procs, args)
         body = infer_request(model_id, args.features)
-        load_on_pod_b(addrs, model_id, path, body)
-        before = {p: scrape(addrs[f"metrics-{p}"]).get(LOADS, 0.0) for p in "ab"}
-        targets = (["runtime"] if args.b1 else []) + ["pod-b", "pod-a"]
+        loops = list(dict.fromkeys(args.pod_loop))
+        if "runtime" in addrs and "asyncio" not in loops:
+            with grpc.insecure_channel(addrs["runtime"]) as ch:
+                rgrpc.ModelRuntimeStub(ch).loadModel(rpb.LoadModelRequest(
+                    modelId=model_id, modelType="onnx", modelPath=str(path)), timeout=60)
+        for loop in loops:
+            load_on_pod_b(addrs, model_id, path, body, loop)
+        pods = [name for loop in loops for name in pod_names(loop)]
+        before = {p: scrape(addrs[f"metrics-{p}"]).get(LOADS, 0.0) for p in pods}
+        targets = (["runtime"] if args.b1 else []) + [name for loop in loops for name in reversed(pod_names(loop))]
+        print(f"loadavg {loadavg()} before the rounds", flush=True)
         for c in args.concurrency:
             for _ in range(args.rounds):
                 for target in targets:
                     r = asyncio.run(run_round(target, addrs[target], body, c, args.duration))
                     results.append(r)
-                    print(f"  {target:7} c={c:<3} {r.throughput:7.0f} req/s  p50 {r.p50_ms:7.3f} ms  "
-                          f"p99 {r.p99_ms:7.3f} ms  errors {r.errors}", flush=True)
-        after = {p: scrape(addrs[f"metrics-{p}"]).get(LOADS, 0.0) for p in "ab"}
-        final_copies = copies(addrs["pod-a"], model_id)
+                    print(f"  {target:13} c={c:<3} {r.throughput:7.0f} req/s  p50 {r.p50_ms:7.3f} ms  "
+                          f"p99 {r.p99_ms:7.3f} ms  errors {r.errors}  (loadavg {loadavg()})", flush=True)
+        after = {p: scrape(addrs[f"metrics-{p}"]).get(LOADS, 0.0) for p in pods}
+        final_copies = {loop: copies(addrs[pod_names(loop)[0]], model_id) for loop in loops}
     load_after = loadavg()
 
-    valid = [loc for loc, _ in final_copies] == ["pod-b"] and after["a"] == 0 and after["b"] == 1 \
+    valid = all([loc for loc, _ in final_copies[loop]] == [pod_names(loop)[1]] for loop in loops) \
+        and all(after[pod_names(loop)[0]] == 0 and after[pod_names(loop)[1]] == 1 for loop in loops) \
         and after == before and not any(r.errors for r in results)
-    b2 = [summarize(results, "pod-b", "pod-a", c) for c in args.concurrency]
-    b1 = [summarize(results, "runtime", "pod-b", c) for c in args.concurrency] if args.b1 else []
+    b2 = {loop: [summarize(results, pod_names(loop)[1], pod_names(loop)[0], c) for c in args.concurrency]
+          for loop in loops}
+    b1 = {loop: [summarize(results, "runtime", pod_names(loop)[1], c) for c in args.concurrency]
+          for loop in loops} if args.b1 else {}
     print(f"\n{machine()}; {args.duration:.0f} s x {args.rounds} rounds per target; "
           f"{'' if args.allow_copies else f'MM_SCALEUP_RPM_THRESHOLD={NO_SCALEUP_RPM} (no traffic copies); '}"
           f"loadavg {load_before} before, {load_after} after")
-    print(f"check: loads pod-a {after['a']:.0f}, pod-b {after['b']:.0f} (both during rounds: "
-          f"{after['a'] - before['a']:.0f}/{after['b'] - before['b']:.0f}); copies {final_copies}; "
+    during = {p: after[p] - before[p] for p in pods}
+    print(f"check: loads {after} (during rounds: {during}); copies {final_copies}; "
           f"{'VALID' if valid else 'INVALID'}")
-    print_table("B2 remote hop: pod-b = direct to the pod holding the model, pod-a = entering at the other pod",
-                b2, "pod-b", "pod-a")
-    if b1:
-        print_table("B1 local hop (context): runtime = bare `modelmesh runtime`, pod-b = in-process pod, local hit",
-                    b1, "runtime", "pod-b")
-        print(f"\nB2 vs B1 (target: B2 added <= 2 x B1 added; B1's own target is +{B1_TARGET_P50_MS} ms p50, "
-              f"so B2's is +{2 * B1_TARGET_P50_MS} ms)")
-        for r2, r1 in zip(b2, b1, strict=True):
-            print(f"  c={r2['concurrency']:<3} p50: B2 +{r2['added_p50_ms']:.3f} ms vs 2 x B1 = "
-                  f"{2 * r1['added_p50_ms']:+.3f} ms;  p99: B2 +{r2['added_p99_ms']:.3f} ms vs 2 x B1 = "
-                  f"{2 * r1['added_p99_ms']:+.3f} ms")
+    for loop in loops:
+        pod_a, pod_b = pod_names(loop)
+        print_table(f"B2 remote hop ({loop}): {pod_b} = direct to the pod holding the model, {pod_a} = entering "
+                    "at the other pod", b2[loop], pod_b, pod_a)
+        if b1:
+            print_table(f"B1 local hop (context, {loop}): runtime = bare `modelmesh runtime`, {pod_b} = in-process "
+                        "pod, local hit", b1[loop], "runtime", pod_b)
+            print(f"\nB2 vs B1 ({loop}; target: B2 added <= 2 x B1 added; B1's own target is "
+                  f"+{B1_TARGET_P50_MS} ms p50, so B2's is +{2 * B1_TARGET_P50_MS} ms)")
+            for r2, r1 in zip(b2[loop], b1[loop], strict=True):
+                print(f"  c={r2['concurrency']:<3} p50: B2 +{r2['added_p50_ms']:.3f} ms vs 2 x B1 = "
+                      f"{2 * r1['added_p50_ms']:+.3f} ms;  p99: B2 +{r2['added_p99_ms']:.3f} ms vs 2 x B1 = "
+                      f"{2 * r1['added_p99_ms']:+.3f} ms")
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "B2", "machine": machine(), "loadavg_before": load_before, "loadavg_after": load_after,
