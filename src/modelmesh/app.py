@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,9 +288,29 @@ async def register_demo_models(mesh: Mesh, settings: MeshSettings) -> None:
     log.info("registered %d demo models from %s", len(paths), settings.demo_dir)
 
 
+def event_loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """The event loop ``MM_EVENT_LOOP`` names: (its name, a factory for ``asyncio.Runner``, None
+    for the standard library's loop). "auto" is uvloop when it is installed."""
+    if choice == "asyncio":
+        return "asyncio", None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ValueError("MM_EVENT_LOOP=uvloop, but uvloop is not installed "
+                             "(pip install 'modelmesh[uvloop]')") from None
+        return "asyncio", None
+    return "uvloop", uvloop.new_event_loop
+
+
 def run_mesh(settings: MeshSettings) -> int:
     """Run a pod until SIGINT or SIGTERM."""
     configure_logging(settings.log_level)
+    try:
+        loop_name, loop_factory = event_loop_factory(settings.event_loop)
+    except ValueError as err:
+        log.error("cannot start: %s", err)
+        return 1
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -309,7 +330,9 @@ def run_mesh(settings: MeshSettings) -> int:
         await pod.stop()
         return 0
 
-    return asyncio.run(main())
+    log.info("event loop: %s", loop_name)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
             kv_store=args.etcd and f"etcd:{args.etcd}",
             instance_id=args.instance_id,
             log_level=args.log_level,
+            event_loop=args.event_loop,
             demo_models=args.demo_models,
             demo_dir=args.demo_dir,
             advertise_host=args.advertise_address,
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--advertise-address", metavar="HOST",
                        help="host other pods use to reach this one (MM_ADVERTISE_ADDRESS)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (MM_LOG_LEVEL)")
+    serve.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+                       help="the pod's event loop; auto: uvloop when installed (MM_EVENT_LOOP, default auto)")
     serve.add_argument("--demo-models", type=int, metavar="N",
                        help="try-it mode: write N demo ONNX models and register them at start")
     serve.add_argument("--demo-dir", help="where --demo-models writes them (default ./modelmesh-demo-models)")

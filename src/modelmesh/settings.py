@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 MIB = 1024 * 1024
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -75,6 +76,10 @@ class MeshSettings:
     runtime_startup_timeout_s: float = 60.0
     # log level name (MM_LOG_LEVEL)
     log_level: str = "INFO"
+    # the pod's asyncio event loop (MM_EVENT_LOOP): "uvloop", "asyncio" (the standard library's),
+    # or "auto": uvloop when it is installed (the `uvloop` extra), else asyncio. uvloop cuts the
+    # pod's CPU per request (benchmarks.md, "Event loop")
+    event_loop: str = "auto"
     # address other pods use to reach this one (MM_ADVERTISE_ADDRESS); default: --host, or this
     # machine's hostname when --host is 0.0.0.0. The bound gRPC port is appended.
     advertise_host: str | None = None
@@ -116,6 +121,7 @@ class MeshSettings:
             churn_guard_ms=_int(env, "MM_CHURN_GUARD_MS", 0),
             runtime_startup_timeout_s=float(env.get("MM_RUNTIME_STARTUP_TIMEOUT_S", "60") or 60),
             log_level=env.get("MM_LOG_LEVEL", "INFO") or "INFO",
+            event_loop=env.get("MM_EVENT_LOOP", "auto") or "auto",
             advertise_host=env.get("MM_ADVERTISE_ADDRESS") or None,
             instance_lease_ttl_s=float(env.get("MM_INSTANCE_LEASE_TTL_S", "20") or 20),
         )
@@ -124,6 +130,8 @@ class MeshSettings:
         settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if settings.runtime_mode not in ("process", "inprocess"):
             raise ValueError(f"MM_RUNTIME_MODE={settings.runtime_mode!r}: expected 'process' or 'inprocess'")
+        if settings.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"MM_EVENT_LOOP={settings.event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
         return settings
 
     @property
