@@ -37,17 +37,14 @@ from modelmesh.proto import model_runtime_pb2 as rpb
 from modelmesh.proto import model_runtime_pb2_grpc as rgrpc
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-# how the pod's process is started, per event loop (--pod-loop): the same `modelmesh` CLI, with
-# uvloop's event loop policy installed first, so asyncio.run() in run_mesh runs on uvloop
-POD_LOOP_ARGS = {
-    "asyncio": ("-m", "modelmesh.cli"),
-    "uvloop": ("-c", "import sys, uvloop; uvloop.install(); from modelmesh.cli import main; sys.exit(main())"),
-}
+# the pod's event loops a benchmark can put side by side (--pod-loop; `serve --event-loop`);
+# "auto", the pod's default, is uvloop when it is installed
+POD_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 def mesh_target(loop: str) -> str:
-    """Round label of a pod on ``loop``: "mesh" for the default loop, so earlier outputs still read."""
-    return "mesh" if loop == "asyncio" else f"mesh-{loop}"
+    """Round label of a pod on ``loop``: "mesh" for the pod's default, so earlier outputs still read."""
+    return "mesh" if loop == "auto" else f"mesh-{loop}"
 
 
 @dataclass
@@ -140,7 +137,7 @@ def main() -> int:
     parser.add_argument("--pod-runtime", choices=("endpoint", "inprocess"), default="endpoint",
                         help="endpoint: the pod fronts the measured runtime process; inprocess: the pod "
                              "hosts its own runtime (the baseline is the runtime process, same model)")
-    parser.add_argument("--pod-loop", nargs="+", choices=sorted(POD_LOOP_ARGS), default=["asyncio"],
+    parser.add_argument("--pod-loop", nargs="+", choices=POD_LOOPS, default=["auto"],
                         help="event loop(s) of the pod; with several, one pod per loop, all measured in "
                              "the same alternating rounds")
     parser.add_argument("--uds", action="store_true",
@@ -163,8 +160,9 @@ def main() -> int:
         targets = [("direct", runtime_addr)]
         pids = {"direct": runtime.pid}
         for loop in args.pod_loop:
-            pod, m = start([py, *POD_LOOP_ARGS[loop], "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-                            "--metrics-port", "0", "--capacity", str(1 << 30), *runtime_flags],
+            pod, m = start([py, "-m", "modelmesh.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+                            "--metrics-port", "0", "--capacity", str(1 << 30), "--event-loop", loop,
+                            *runtime_flags],
                            r"serving on \S+:(\d+)")
             pods.append(pod)
             pod_addr = f"127.0.0.1:{m.group(1)}"

@@ -79,10 +79,6 @@ def pod_main(argv: list[str]) -> int:
             print("\n".join(lines), file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGUSR1, report)
-    if os.environ.get("BENCH_POD_LOOP") == "uvloop":
-        import uvloop
-
-        uvloop.install()  # asyncio.run() in run_mesh then runs on uvloop
     from modelmesh.cli import main
 
     return main(["serve", *argv])
@@ -104,7 +100,7 @@ class RegistrationRun:
     etcd_cpu_ms: float = 0.0
     client_cpu_ms: float = 0.0
     load_average: float = 0.0  # 1-minute load average before the run
-    pod_loop: str = "asyncio"
+    pod_loop: str = "auto"
 
 
 @dataclass
@@ -139,8 +135,8 @@ class Pod:
     """One pod process (the wrapper above around ``modelmesh serve``)."""
 
     def __init__(self, etcd: str, service: str, log_dir: Path, *, tracemalloc: bool = False,
-                 loop: str = "asyncio") -> None:
-        env = dict(os.environ, MM_SERVICE_NAME=service, MM_LOG_LEVEL="WARNING", BENCH_POD_LOOP=loop)
+                 loop: str = "auto") -> None:
+        env = dict(os.environ, MM_SERVICE_NAME=service, MM_LOG_LEVEL="WARNING", MM_EVENT_LOOP=loop)
         self.loop = loop
         if tracemalloc:
             env["BENCH_TRACEMALLOC"] = "1"
@@ -432,7 +428,7 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 8, 128],
                         help="register-bulk --concurrency values; the first one's registry is the one started on")
-    parser.add_argument("--pod-loop", nargs="+", choices=("asyncio", "uvloop"), default=["asyncio"],
+    parser.add_argument("--pod-loop", nargs="+", choices=("auto", "asyncio", "uvloop"), default=["auto"],
                         help="event loop(s) of the registering pod; with several, each concurrency runs once "
                              "per loop, alternating (starts and memory use the first)")
     parser.add_argument("--registrations-only", action="store_true", help="skip the start and memory parts")

@@ -234,12 +234,12 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 # the same closed-loop round as B1, so the two benchmarks measure alike
-from loadtest.bench_hop import POD_LOOP_ARGS, RoundResult, run_round  # noqa: E402
+from loadtest.bench_hop import POD_LOOPS, RoundResult, run_round  # noqa: E402
 
 
 def pod_names(loop: str) -> tuple[str, str]:
-    """Names of the (entering, holding) pods on ``loop``; the default loop keeps the plain names."""
-    suffix = "" if loop == "asyncio" else f"-{loop}"
+    """Names of the (entering, holding) pods on ``loop``; the pod's default keeps the plain names."""
+    suffix = "" if loop == "auto" else f"-{loop}"
     return f"pod-a{suffix}", f"pod-b{suffix}"
 
 
@@ -253,16 +253,15 @@ def setup(procs: Processes, args: argparse.Namespace) -> dict[str, str]:
     for loop in args.pod_loop:
         # one pair of pods per event loop, each pair its own cluster (service name) on the one etcd
         pair_env = {**env, "MM_SERVICE_NAME": f"bench-{loop}"}
-        python = POD_LOOP_ARGS[loop]
         for name in pod_names(loop):
             addrs[name], addrs[f"metrics-{name}"] = procs.start_pod(
-                name, "--capacity", cap, "--etcd", etcd, "--instance-id", name, env=pair_env, python=python)
+                name, "--capacity", cap, "--etcd", etcd, "--instance-id", name, "--event-loop", loop, env=pair_env)
     if args.b1:
         addrs["runtime"] = procs.start_runtime("runtime", 1 << 30)
     return addrs
 
 
-def load_on_pod_b(addrs: dict[str, str], model_id: str, path: Path, body: bytes, loop: str = "asyncio") -> None:
+def load_on_pod_b(addrs: dict[str, str], model_id: str, path: Path, body: bytes, loop: str = "auto") -> None:
     pod_a, pod_b = pod_names(loop)
     with grpc.insecure_channel(addrs[pod_b]) as ch:
         mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
@@ -278,7 +277,7 @@ def load_on_pod_b(addrs: dict[str, str], model_id: str, path: Path, body: bytes,
             raise RuntimeError(f"model copies are not [{pod_b}] only: {seen}")
         time.sleep(0.1)
     time.sleep(0.5)  # and let pod A's watch deliver the record the status just read from etcd
-    if "runtime" in addrs and loop == "asyncio":
+    if "runtime" in addrs and loop == "auto":
         with grpc.insecure_channel(addrs["runtime"]) as ch:
             rgrpc.ModelRuntimeStub(ch).loadModel(rpb.LoadModelRequest(
                 modelId=model_id, modelType="onnx", modelPath=str(path)), timeout=60)
@@ -316,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-copies", action="store_true",
                         help="leave MM_SCALEUP_RPM_THRESHOLD at its default: the pods may then add a copy "
                              "on pod A under load, and the run is reported invalid")
-    parser.add_argument("--pod-loop", nargs="+", choices=sorted(POD_LOOP_ARGS), default=["asyncio"],
+    parser.add_argument("--pod-loop", nargs="+", choices=POD_LOOPS, default=["auto"],
                         help="event loop(s) of the pods; with several, one pair of pods per loop (each its "
                              "own service name), all measured in the same alternating rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -330,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         addrs = setup(procs, args)
         body = infer_request(model_id, args.features)
         loops = list(dict.fromkeys(args.pod_loop))
-        if "runtime" in addrs and "asyncio" not in loops:
+        if "runtime" in addrs and "auto" not in loops:
             with grpc.insecure_channel(addrs["runtime"]) as ch:
                 rgrpc.ModelRuntimeStub(ch).loadModel(rpb.LoadModelRequest(
                     modelId=model_id, modelType="onnx", modelPath=str(path)), timeout=60)

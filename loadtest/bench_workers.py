@@ -35,17 +35,13 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.bench_hop import INFER, POD_LOOP_ARGS, WARMUP_CALLS, RoundResult, cpu_s, infer_request, loadavg
+from loadtest.bench_hop import INFER, POD_LOOPS, WARMUP_CALLS, RoundResult, cpu_s, infer_request, loadavg
 from loadtest.bench_remote import Processes, machine
 from modelmesh.demo import demo_model_id
 
 # `modelmesh serve` with the pod's server options patched to share its port
 WORKER_MAIN = """
 import sys, grpc, grpc.aio
-LOOP = {loop!r}
-if LOOP == "uvloop":
-    import uvloop
-    uvloop.install()
 _server = grpc.aio.server
 def server(*args, options=(), **kwargs):
     options = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
@@ -99,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per concurrency")
     parser.add_argument("--channels", type=int, default=8, help="client connections per target")
-    parser.add_argument("--pod-loop", choices=sorted(POD_LOOP_ARGS), default="asyncio")
+    parser.add_argument("--pod-loop", choices=POD_LOOPS, default="auto")
     parser.add_argument("--no-direct", dest="direct", action="store_false", help="skip the bare runtime rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -124,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                     modelId=model_id, modelType="onnx", modelPath=str(path)), timeout=60)
             targets.append(("direct", address))
             pids["direct"] = [procs.pid("runtime")]
-        python = ("-c", WORKER_MAIN.format(loop=args.pod_loop))
+        python = ("-c", WORKER_MAIN)
         for n in args.workers:
             port = "0"
             for i in range(n):
-                flags = ["--capacity", str(1 << 30), "--demo-models", "1",
+                flags = ["--capacity", str(1 << 30), "--event-loop", args.pod_loop, "--demo-models", "1",
                          "--demo-dir", str(procs.tmp / f"w{n}-{i}"), "--instance-id", f"w{n}-{i}"]
                 m = procs.start(f"w{n}-{i}", ["serve", "--host", "127.0.0.1", "--grpc-port", port,
                                               "--metrics-port", "0", *flags],
