@@ -78,7 +78,7 @@ class MeshSettings:
     log_level: str = "INFO"
     # the pod's asyncio event loop (MM_EVENT_LOOP): "uvloop", "asyncio" (the standard library's),
     # or "auto": uvloop when it is installed (the `uvloop` extra), else asyncio. uvloop cuts the
-    # pod's CPU per request (benchmarks.md, "Event loop")
+    # pod's CPU per request (benchmarks.md, B1 "The event loop")
     event_loop: str = "auto"
     # address other pods use to reach this one (MM_ADVERTISE_ADDRESS); default: --host, or this
     # machine's hostname when --host is 0.0.0.0. The bound gRPC port is appended.
