@@ -2,12 +2,15 @@
 mesh pod in front of that runtime, in one run, at several concurrencies.
 
     python -m loadtest.bench_hop [--duration 10] [--concurrency 1 16] [--rounds 2] [--json out.json]
+                                 [--pod-runtime endpoint|inprocess] [--pod-loop auto asyncio uvloop]
 
 It starts `modelmesh runtime` and `modelmesh serve --runtime-endpoint` on free loopback ports,
 registers one demo model through the pod and loads it, then alternates direct and mesh rounds so
 drift on the machine hits both alike. The client sends a pre-serialized ModelInferRequest with raw
 gRPC (no tritonclient conversion work in the loop), so the figures show the servers, not the client.
-Prints throughput ratio (mesh / direct) and the p50 / p99 latency the hop adds.
+Prints throughput ratio (mesh / direct), the p50 / p99 latency the hop adds, and each server's CPU
+time per request. With several ``--pod-loop`` values, one pod per event loop joins the same
+alternating rounds (``serve --event-loop``; "auto", the pod's default, is uvloop when installed).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """B2, the remote hop: a request enters pod A while the model is loaded only on pod B.
 
     python -m loadtest.bench_remote [--duration 5] [--concurrency 1 16] [--rounds 2] [--no-b1] [--json out.json]
+                                    [--pod-loop auto asyncio uvloop]
 
 It starts one etcd (tests/etcd_server.py: free loopback ports, data dir on tmpfs), two pods in
 cluster mode (`modelmesh serve --etcd ... --instance-id pod-a` / `pod-b`, default in-process
@@ -12,6 +13,9 @@ show exactly one copy, on pod-b. Rounds then alternate, per concurrency:
 - `runtime`: the bare runtime process with the same model loaded (B1's baseline),
 - `pod-b`:   pod B directly, a local hit (B1 = pod-b - runtime; B2's baseline),
 - `pod-a`:   pod A, which forwards to pod B (B2 = pod-a - pod-b).
+
+With several ``--pod-loop`` values there is a pair of pods per event loop (pod-a-uvloop, ...), each
+pair its own cluster (service name) on the one etcd, all in the same alternating rounds.
 
 The pods run with MM_SCALEUP_RPM_THRESHOLD out of reach, so the copy keeper does not add a copy
 of the (hot) model on pod A, which would remove the hop being measured (`--allow-copies` keeps

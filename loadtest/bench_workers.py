@@ -1,7 +1,7 @@
 """Several worker processes sharing one port (SO_REUSEPORT) against one pod process, in one run.
 
     python -m loadtest.bench_workers [--workers 1 2] [--duration 5] [--rounds 2] [--concurrency 16 32]
-                                     [--channels 8] [--pod-loop asyncio] [--json out.json]
+                                     [--channels 8] [--pod-loop auto] [--json out.json]
 
 A "worker" here is a whole pod: its own process, memory store, cache and in-process runtime, all
 bound to one gRPC port with ``grpc.so_reuseport`` on, so the kernel spreads incoming connections
