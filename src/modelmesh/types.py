@@ -72,7 +72,21 @@ class ModelRecord:
     pin_labels: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # Written out rather than through dataclasses.asdict, which deep-copies every field: 8 us
+        # against 31 us per record, on every registration and copy change (a test checks the two
+        # agree, so a new field cannot be forgotten here).
+        return json.dumps({
+            "info": {"type": self.info.type, "path": self.info.path, "key": self.info.key},
+            "registered_ms": self.registered_ms,
+            "last_used_ms": self.last_used_ms,
+            "copies": self.copies,
+            "failures": {i: {"time_ms": f.time_ms, "message": f.message} for i, f in self.failures.items()},
+            "refs": self.refs,
+            "auto_delete": self.auto_delete,
+            "min_copies": self.min_copies,
+            "all_pods": self.all_pods,
+            "pin_labels": list(self.pin_labels),
+        }, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ModelRecord:
