@@ -6,7 +6,7 @@
     modelmesh models unregister ID
     modelmesh models load ID [--sync]
     modelmesh models list [--ready] [--json]
-    modelmesh models register-bulk SOURCE [--type T] [--load-now] [--concurrency N] [--fail-fast]
+    modelmesh models register-bulk SOURCE [--type T] [--load-now] [--concurrency N] [--fail-fast] [--unary]
 
 The module has three layers, top to bottom:
 
@@ -469,6 +469,22 @@ async def _cmd_list(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _NoBulkStream(Exception):
+    """The pod does not serve ``mmesh.ModelMeshBulk`` (KServe ModelMesh, an older modelmesh)."""
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True, slots=True)
+class _BulkSettings:
+    load_now: bool
+    concurrency: int
+    fail_fast: bool
+    timeout: float | None
+    on_done: Callable[[], None]
+
+
 async def register_many(
     channel: grpc.aio.Channel,
     entries: Sequence[ModelEntry],
@@ -479,18 +495,45 @@ async def register_many(
     fail_fast: bool = False,
     timeout: float | None = DEFAULT_TIMEOUT_S,
     on_done: Callable[[], None] = lambda: None,
+    unary: bool = False,
 ) -> BulkOutcome:
-    """Register ``entries`` with at most ``concurrency`` calls in flight.
+    """Register ``entries`` with at most ``concurrency`` registrations in flight.
 
-    ``concurrency`` worker tasks take entries from one shared iterator, so thousands of models
-    cost a fixed number of tasks and the pod never sees more than ``concurrency`` calls at once.
-    With ``fail_fast`` the workers stop taking entries after the first failure. Losing the pod
-    (a failure while the channel is not connected) always stops the run: every further call
-    would fail the same way. If that happens before anything was registered the error is raised,
-    since there is nothing to summarise; otherwise it is recorded in the outcome.
+    By default over one ``mmesh.ModelMeshBulk/registerModels`` stream (our extension: gRPC's
+    per-call cost is paid once, not per model); when the pod answers that stream UNIMPLEMENTED,
+    or with ``unary``, one ``registerModel`` call per model, as KServe ModelMesh's API has it.
+    ``timeout`` is each unary call's deadline, or on the stream the longest wait for an answer.
+    With ``fail_fast`` no entry is sent after the first failure. Losing the pod (a failure while
+    the channel is not connected) always stops the run: every further call would fail the same
+    way. If that happens before anything was registered the error is raised, since there is
+    nothing to summarise; otherwise it is recorded in the outcome.
     """
-    stub = model_mesh_pb2_grpc.ModelMeshStub(channel)
     outcome = BulkOutcome(total=len(entries))
+    how = _BulkSettings(load_now, concurrency, fail_fast, timeout, on_done)
+    connection_error: grpc.aio.AioRpcError | None = None
+    if not unary:
+        try:
+            connection_error = await _register_streamed(channel, entries, outcome, how)
+        except _NoBulkStream:
+            unary = True
+    if unary:
+        connection_error = await _register_unary(channel, entries, outcome, how)
+    # failures in the source's order, not the order concurrent registrations happened to finish
+    order = {entry.model_id: i for i, entry in enumerate(entries)}
+    outcome.failures.sort(key=lambda f: order.get(f.model_id, len(order)))
+    if connection_error is not None:
+        if outcome.registered == 0:
+            raise connection_error
+        outcome.lost_endpoint = endpoint
+    return outcome
+
+
+async def _register_unary(
+    channel: grpc.aio.Channel, entries: Sequence[ModelEntry], outcome: BulkOutcome, how: _BulkSettings
+) -> grpc.aio.AioRpcError | None:
+    """``concurrency`` worker tasks take entries from one shared iterator and make one
+    registerModel call each; returns the error that lost the pod, if one did."""
+    stub = model_mesh_pb2_grpc.ModelMeshStub(channel)
     # A plain iterator is enough: next() never awaits, so two workers cannot take one entry.
     pending = iter(entries)
     stop = False
@@ -500,29 +543,97 @@ async def register_many(
         nonlocal stop, connection_error
         while not stop and (entry := next(pending, None)) is not None:
             try:
-                await stub.registerModel(_register_request(entry, load_now=load_now), timeout=timeout)
+                await stub.registerModel(_register_request(entry, load_now=how.load_now), timeout=how.timeout)
             except grpc.aio.AioRpcError as err:
                 outcome.failures.append(RegistrationFailure(entry.model_id, err.code().name, err.details() or ""))
                 if not _is_reached(channel):
                     connection_error = connection_error or err
                     stop = True
-                stop = stop or fail_fast
+                stop = stop or how.fail_fast
             else:
                 outcome.registered += 1
-            on_done()
+            how.on_done()
 
     # A TaskGroup, not gather: if a worker hits a bug, the others are cancelled rather than left running.
     async with asyncio.TaskGroup() as workers:
-        for _ in range(min(concurrency, len(entries))):
+        for _ in range(min(how.concurrency, len(entries))):
             workers.create_task(worker())
-    # failures in the source's order, not the order concurrent calls happened to finish
-    order = {entry.model_id: i for i, entry in enumerate(entries)}
-    outcome.failures.sort(key=lambda f: order.get(f.model_id, len(order)))
-    if connection_error is not None:
-        if outcome.registered == 0:
-            raise connection_error
-        outcome.lost_endpoint = endpoint
-    return outcome
+    return connection_error
+
+
+async def _register_streamed(
+    channel: grpc.aio.Channel, entries: Sequence[ModelEntry], outcome: BulkOutcome, how: _BulkSettings
+) -> grpc.aio.AioRpcError | None:
+    """One registerModels stream: a task writes requests while at most ``how.concurrency`` are
+    unanswered; this one reads results and matches them to entries by index. Raises
+    ``_NoBulkStream`` when the pod answers UNIMPLEMENTED before any result.
+
+    The first request goes alone and the rest only after its answer: a pod without the stream
+    answers UNIMPLEMENTED at once, and writes racing that answer turn it into INTERNAL ("error
+    from Core") in grpc.aio, which would hide that the fallback is needed.
+    """
+    call = model_mesh_pb2_grpc.ModelMeshBulkStub(channel).registerModels()
+    window = asyncio.Semaphore(how.concurrency)
+    unanswered: dict[int, ModelEntry] = {}
+    first_answered = asyncio.Event()
+    stop = False
+
+    async def write() -> None:
+        try:
+            for index, entry in enumerate(entries):
+                await window.acquire()
+                if index == 1:
+                    await first_answered.wait()
+                if stop:
+                    break
+                unanswered[index] = entry
+                await call.write(_register_request(entry, load_now=how.load_now))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call has ended; reading its status below says how
+
+    def fail_unanswered(code: str, message: str) -> None:
+        for entry in unanswered.values():
+            outcome.failures.append(RegistrationFailure(entry.model_id, code, message))
+            how.on_done()
+        unanswered.clear()
+
+    writer = asyncio.create_task(write())
+    try:
+        while True:
+            try:
+                response = await asyncio.wait_for(call.read(), how.timeout)
+            except TimeoutError:
+                fail_unanswered("DEADLINE_EXCEEDED", f"no answer from the pod within {how.timeout:g} s")
+                return None
+            except grpc.aio.AioRpcError as err:
+                answered = outcome.registered + len(outcome.failures)
+                if err.code() is grpc.StatusCode.UNIMPLEMENTED and answered == 0:
+                    raise _NoBulkStream from err
+                fail_unanswered(err.code().name, err.details() or "")
+                return None if _is_reached(channel) else err
+            if response is grpc.aio.EOF:
+                break
+            for result in response.results:
+                entry = unanswered.pop(result.index, None)
+                if entry is None:
+                    continue  # not a request of ours, or answered twice: nothing to count
+                if result.code == 0:
+                    outcome.registered += 1
+                else:
+                    code = _CODE_NAMES.get(result.code, f"UNKNOWN({result.code})")
+                    outcome.failures.append(RegistrationFailure(entry.model_id, code, result.message))
+                    stop = stop or how.fail_fast
+                window.release()
+                how.on_done()
+            first_answered.set()
+        await writer  # finished: the pod ends the stream only after the writer's done_writing
+        return None
+    finally:
+        if not writer.done():
+            call.cancel()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
 
 
 async def _cmd_register_bulk(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
@@ -539,6 +650,7 @@ async def _cmd_register_bulk(channel: grpc.aio.Channel, args: argparse.Namespace
             fail_fast=args.fail_fast,
             timeout=args.timeout,
             on_done=lambda: bar.update(1),
+            unary=args.unary,
         )
     print(format_bulk_summary(outcome))
     return EXIT_OK if outcome.registered == outcome.total else EXIT_FAILED
@@ -678,9 +790,15 @@ def add_models_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         type=_positive_int,
         metavar="N",
         default=DEFAULT_BULK_CONCURRENCY,
-        help=f"calls in flight at once (default {DEFAULT_BULK_CONCURRENCY})",
+        help=f"registrations in flight at once (default {DEFAULT_BULK_CONCURRENCY})",
     )
     bulk.add_argument("--fail-fast", action="store_true", help="stop after the first failure")
+    bulk.add_argument(
+        "--unary",
+        action="store_true",
+        help="one registerModel call per model, as KServe ModelMesh's API has it, instead of one "
+        "mmesh.ModelMeshBulk stream for all (used anyway when the pod does not serve that stream)",
+    )
     bulk.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

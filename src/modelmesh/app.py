@@ -23,7 +23,7 @@ from typing import Any
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
-from modelmesh.api import dataplane, management
+from modelmesh.api import bulk, dataplane, management
 from modelmesh.api.server import build_server
 from modelmesh.clock import Clock, SystemClock
 from modelmesh.cluster import Cluster
@@ -217,6 +217,7 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         serving = {"ready": False}
         server = build_server(
             management_servicer=management.ManagementServicer(mesh),
+            bulk_servicer=bulk.BulkRegistrationServicer(mesh),
             data_plane=dataplane.DataPlane(mesh, metrics, clock, ready=lambda: serving["ready"]),
             health_servicer=health_servicer,
             max_msg_size=settings.max_msg_size,
@@ -263,7 +264,7 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         if settings.demo_models:
             await register_demo_models(mesh, settings)
         serving["ready"] = True
-        for name in ("", management.SERVICE, dataplane.SERVICE):
+        for name in ("", management.SERVICE, bulk.SERVICE, dataplane.SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         async def not_serving(_g: float) -> None:

@@ -423,6 +423,20 @@ async def test_bulk_registration_of_2000_with_failures(pod: Pod, capsys: Capsys,
     assert 1 < pod.mesh.max_in_flight <= 16
 
 
+@pytest.mark.parametrize("flags", [(), ("--unary",)])
+async def test_bulk_on_a_pod_without_the_stream_uses_unary_calls(
+    pod: Pod, capsys: Capsys, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    """This fake pod serves mmesh.ModelMesh only, like KServe ModelMesh: the stream is answered
+    UNIMPLEMENTED and every model goes through registerModel instead."""
+    source = tmp_path / "models.txt"
+    # ids ending in 7 are rejected by the fake: these end in x
+    source.write_text("".join(f"u{i}x /models/u{i}.onnx\n" for i in range(40)))
+    code, out, err = await run(capsys, "register-bulk", str(source), "--endpoint", pod.endpoint, *flags)
+    assert (code, out, err) == (0, "40 registered, 0 failed (of 40)\n", "")
+    assert sorted(pod.mesh.models) == sorted(f"u{i}x" for i in range(40))
+
+
 async def test_bulk_from_folder_succeeds_with_progress(pod: Pod, capsys: Capsys, tmp_path: Path) -> None:
     for name in ("a.onnx", "b.onnx", "c/model.onnx"):
         _touch(tmp_path / name)

@@ -81,6 +81,14 @@ def test_modelmesh_contracts():
         "placement": (20, FieldDescriptor.TYPE_MESSAGE, False),
     }
     assert fields(mm.SetVModelRequest.DESCRIPTOR)["owner"][0] == 10
+    # our bulk extension is a service of its own: ModelMesh's clients never see it
+    bulk = mm.DESCRIPTOR.services_by_name["ModelMeshBulk"]
+    (register_models,) = bulk.methods
+    assert (register_models.name, register_models.client_streaming, register_models.server_streaming) == (
+        "registerModels", True, True)
+    assert register_models.input_type is mm.RegisterModelRequest.DESCRIPTOR
+    assert {k: v[0] for k, v in fields(mm.RegisterModelResult.DESCRIPTOR).items()} == {
+        "index": 1, "modelId": 2, "code": 3, "message": 4, "status": 5}
     rsvc = rt.DESCRIPTOR.services_by_name["ModelRuntime"]
     assert [m.name for m in rsvc.methods] == [
         "loadModel", "unloadModel", "predictModelSize", "modelSize", "runtimeStatus"]

@@ -23,6 +23,18 @@ def status_info(status: ModelStatus) -> mpb.ModelStatusInfo:
     )
 
 
+async def register(mesh: Mesh, request: mpb.RegisterModelRequest) -> mpb.ModelStatusInfo:
+    """One ``RegisterModelRequest`` through ``Mesh.register``: for registerModel and the bulk stream."""
+    info = ModelInfo(request.modelInfo.type, request.modelInfo.path, request.modelInfo.key)
+    p = request.placement
+    policy = PlacementPolicy(p.minCopies, p.allPods, tuple(p.requiredLabels))
+    status = await mesh.register(
+        request.modelId, info, load_now=request.loadNow, sync=request.sync,
+        last_used_ms=request.lastUsedTime, policy=policy,
+    )
+    return status_info(status)
+
+
 class ManagementServicer:
     """Method names are the RPC names of ``mmesh.ModelMesh``."""
 
@@ -30,14 +42,7 @@ class ManagementServicer:
         self._mesh = mesh
 
     async def registerModel(self, request: mpb.RegisterModelRequest, context: grpc.aio.ServicerContext) -> mpb.ModelStatusInfo:
-        info = ModelInfo(request.modelInfo.type, request.modelInfo.path, request.modelInfo.key)
-        p = request.placement
-        policy = PlacementPolicy(p.minCopies, p.allPods, tuple(p.requiredLabels))
-        status = await self._mesh.register(
-            request.modelId, info, load_now=request.loadNow, sync=request.sync,
-            last_used_ms=request.lastUsedTime, policy=policy,
-        )
-        return status_info(status)
+        return await register(self._mesh, request)
 
     async def unregisterModel(self, request: mpb.UnregisterModelRequest, context: grpc.aio.ServicerContext) -> mpb.UnregisterModelResponse:
         await self._mesh.unregister(request.modelId)

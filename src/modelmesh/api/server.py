@@ -1,4 +1,5 @@
-"""Builds the pod's gRPC server: management API, data plane, health and reflection on one port.
+"""Builds the pod's gRPC server: management API (and its bulk extension), data plane, health and
+reflection on one port.
 
 Every handler is wrapped by ``api/status.py`` here, in one place, so servicers never map errors.
 """
@@ -13,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from modelmesh.api import dataplane, management
+from modelmesh.api import bulk, dataplane, management
 from modelmesh.api.status import guard_stream, guard_unary
 from modelmesh.proto import grpc_predict_v2_pb2 as pb
 from modelmesh.proto import model_mesh_pb2 as mpb
@@ -45,6 +46,17 @@ def management_handler(servicer: management.ManagementServicer) -> grpc.GenericR
             getattr(servicer, method.name), f"{management.SERVICE}/{method.name}", req, resp
         )
     return grpc.method_handlers_generic_handler(management.SERVICE, handlers)
+
+
+def bulk_handler(servicer: bulk.BulkRegistrationServicer) -> grpc.GenericRpcHandler:
+    handlers = {
+        "registerModels": grpc.stream_stream_rpc_method_handler(
+            guard_stream(servicer.registerModels, bulk.METHOD),
+            request_deserializer=mpb.RegisterModelRequest.FromString,
+            response_serializer=mpb.RegisterModelsResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(bulk.SERVICE, handlers)
 
 
 def dataplane_handler(dp: dataplane.DataPlane) -> grpc.GenericRpcHandler:
@@ -81,6 +93,7 @@ def _add_to_pool(*files: Any) -> None:
 def build_server(
     *,
     management_servicer: management.ManagementServicer,
+    bulk_servicer: bulk.BulkRegistrationServicer,
     data_plane: dataplane.DataPlane,
     health_servicer: health.aio.HealthServicer,
     max_msg_size: int,
@@ -94,12 +107,12 @@ def build_server(
         ]
     )
     server.add_generic_rpc_handlers(
-        (management_handler(management_servicer), dataplane_handler(data_plane))
+        (management_handler(management_servicer), bulk_handler(bulk_servicer), dataplane_handler(data_plane))
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_to_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
     reflection.enable_server_reflection(
-        (management.SERVICE, dataplane.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (management.SERVICE, bulk.SERVICE, dataplane.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
         pool=POOL,
     )

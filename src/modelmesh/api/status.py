@@ -50,10 +50,17 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; see the pod's log"
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> NoReturn:
+def reported_status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """``status_for(exc)``, logging the traceback of an unexpected error (its caller sees only
+    a generic message)."""
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL and not isinstance(exc, errors.MeshError):
         log.error("unexpected error in %s", method, exc_info=exc)
+    return code, message
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> NoReturn:
+    code, message = reported_status(exc, method)
     await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 

@@ -173,3 +173,23 @@ class GetVModelStatusRequest(_message.Message):
     vModelId: str
     owner: str
     def __init__(self, vModelId: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class RegisterModelsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RegisterModelResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RegisterModelResult, _Mapping]]] = ...) -> None: ...
+
+class RegisterModelResult(_message.Message):
+    __slots__ = ("index", "modelId", "code", "message", "status")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MODELID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    modelId: str
+    code: int
+    message: str
+    status: ModelStatusInfo
+    def __init__(self, index: _Optional[int] = ..., modelId: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status: _Optional[_Union[ModelStatusInfo, _Mapping]] = ...) -> None: ...

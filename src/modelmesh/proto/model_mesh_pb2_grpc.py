@@ -358,3 +358,93 @@ class ModelMesh:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelMeshBulkStub:
+    """modelmesh extension (absent from KServe ModelMesh, whose clients never call it): many
+    registrations over one stream, so the per-call cost of gRPC is paid once, not once per model.
+    Each request is a RegisterModelRequest exactly as registerModel takes it; the pod registers up
+    to a bounded number at once and answers each as it completes (not in request order), so a
+    client matches answers to requests by index. One failed registration is one result with its
+    status code, never the end of the stream.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.registerModels = channel.stream_stream(
+                '/mmesh.ModelMeshBulk/registerModels',
+                request_serializer=model__mesh__pb2.RegisterModelRequest.SerializeToString,
+                response_deserializer=model__mesh__pb2.RegisterModelsResponse.FromString,
+                _registered_method=True)
+
+
+class ModelMeshBulkServicer:
+    """modelmesh extension (absent from KServe ModelMesh, whose clients never call it): many
+    registrations over one stream, so the per-call cost of gRPC is paid once, not once per model.
+    Each request is a RegisterModelRequest exactly as registerModel takes it; the pod registers up
+    to a bounded number at once and answers each as it completes (not in request order), so a
+    client matches answers to requests by index. One failed registration is one result with its
+    status code, never the end of the stream.
+    """
+
+    def registerModels(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelMeshBulkServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'registerModels': grpc.stream_stream_rpc_method_handler(
+                    servicer.registerModels,
+                    request_deserializer=model__mesh__pb2.RegisterModelRequest.FromString,
+                    response_serializer=model__mesh__pb2.RegisterModelsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mmesh.ModelMeshBulk', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mmesh.ModelMeshBulk', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelMeshBulk:
+    """modelmesh extension (absent from KServe ModelMesh, whose clients never call it): many
+    registrations over one stream, so the per-call cost of gRPC is paid once, not once per model.
+    Each request is a RegisterModelRequest exactly as registerModel takes it; the pod registers up
+    to a bounded number at once and answers each as it completes (not in request order), so a
+    client matches answers to requests by index. One failed registration is one result with its
+    status code, never the end of the stream.
+    """
+
+    @staticmethod
+    def registerModels(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mmesh.ModelMeshBulk/registerModels',
+            model__mesh__pb2.RegisterModelRequest.SerializeToString,
+            model__mesh__pb2.RegisterModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
