@@ -1,15 +1,17 @@
 """B4, registry scale: registrations per second into etcd, a new pod's start with N records
 present, and the pod's resident memory per registered model, in one run on one real etcd.
 
-    python -m loadtest.bench_registry [--models 10000] [--concurrency 32 8 128] [--starts 3]
-                                      [--etcd-dir DIR] [--tracemalloc] [--json out.json]
+    python -m loadtest.bench_registry [--models 10000] [--concurrency 32 8 128] [--path stream unary]
+                                      [--starts 3] [--etcd-dir DIR] [--tracemalloc] [--json out.json]
 
 It starts one etcd (tests/etcd_server.py: free loopback ports, data on /dev/shm unless
 ``--etcd-dir``) and real pods (``modelmesh serve --etcd ... --grpc-port 0 --metrics-port 0``, run
 through a thin wrapper that answers SIGUSR1 with ``gc.collect()`` and its VmRSS), then:
 
-1. registration: for each ``--concurrency`` a pod under its own service name (so each run starts
-   from an empty registry) and ``modelmesh models register-bulk models.jsonl --concurrency C``,
+1. registration: for each ``--concurrency`` and ``--path`` (``stream``: the ModelMeshBulk stream,
+   the CLI's default; ``unary``: ``--unary``, one registerModel call per model, the baseline),
+   alternating, a pod under its own service name (so each run starts from an empty registry) and
+   ``modelmesh models register-bulk models.jsonl --concurrency C [--unary]``,
    timed from the command's start to its exit (its own Python start-up included), with the CPU
    time per registration of the pod, etcd and the client: on a machine shared with other work
    the rate moves with the load, the CPU per registration much less (2 cores / total CPU ms is
@@ -101,6 +103,7 @@ class RegistrationRun:
     client_cpu_ms: float = 0.0
     load_average: float = 0.0  # 1-minute load average before the run
     pod_loop: str = "auto"
+    path: str = "stream"  # register-bulk over the ModelMeshBulk stream, or "unary" (--unary)
 
 
 @dataclass
@@ -207,9 +210,10 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def register_bulk(pod: Pod, etcd_pid: int, source: Path, concurrency: int, models: int) -> RegistrationRun:
+def register_bulk(pod: Pod, etcd_pid: int, source: Path, concurrency: int, models: int,
+                  path: str = "stream") -> RegistrationRun:
     cmd = [sys.executable, "-m", "modelmesh.cli", "models", "register-bulk", str(source), "--endpoint", pod.address,
-           "--concurrency", str(concurrency), "--no-progress"]
+           "--concurrency", str(concurrency), "--no-progress", *(["--unary"] if path == "unary" else [])]
     load = os.getloadavg()[0]
     pod0, etcd0, client0 = cpu_s(pod.proc.pid), cpu_s(etcd_pid), children_cpu_s()
     t0 = time.perf_counter()
@@ -222,7 +226,8 @@ def register_bulk(pod: Pod, etcd_pid: int, source: Path, concurrency: int, model
         print(f"  register-bulk exited {done.returncode}: {done.stdout[-2000:]}{done.stderr[-2000:]}", flush=True)
     per = 1000 / max(registered, 1)
     return RegistrationRun(concurrency, models, registered, seconds, registered / seconds,
-                           (pod1 - pod0) * per, (etcd1 - etcd0) * per, (client1 - client0) * per, load, pod.loop)
+                           (pod1 - pod0) * per, (etcd1 - etcd0) * per, (client1 - client0) * per, load, pod.loop,
+                           path)
 
 
 def deep_size(obj: object, seen: set[int] | None = None) -> int:
@@ -332,17 +337,19 @@ def run(args: argparse.Namespace) -> Results:
     try:
         etcd.start()
         print(f"etcd at {etcd.endpoint} (data in {etcd.data_dir})", flush=True)
-        full = f"reg-c{args.concurrency[0]}-{args.pod_loop[0]}-0"
+        full = f"reg-c{args.concurrency[0]}-{args.pod_loop[0]}-{args.path[0]}-0"
         for i, c in enumerate(args.concurrency):
-            for loop in args.pod_loop:  # alternating, so drift on the machine hits each loop alike
-                p = pod(f"reg-c{c}-{loop}-{i}", loop=loop)
-                r = register_bulk(p, etcd_pid(etcd), source, c, args.models)
-                results.registration.append(r)
-                print(f"  register-bulk c={c:<4} {r.registered} in {r.seconds:6.2f} s  {r.per_second:7.0f}/s  CPU ms "
-                      f"per registration: pod {r.pod_cpu_ms:.2f}, etcd {r.etcd_cpu_ms:.2f}, client "
-                      f"{r.client_cpu_ms:.2f} (load average before: {r.load_average:.1f}; pod loop {loop})",
-                      flush=True)
-                stop(p)
+            # alternating, so drift on the machine hits each loop and path alike
+            for loop in args.pod_loop:
+                for path in args.path:
+                    p = pod(f"reg-c{c}-{loop}-{path}-{i}", loop=loop)
+                    r = register_bulk(p, etcd_pid(etcd), source, c, args.models, path)
+                    results.registration.append(r)
+                    print(f"  register-bulk {path:<6} c={c:<4} {r.registered} in {r.seconds:6.2f} s  "
+                          f"{r.per_second:7.0f}/s  CPU ms per registration: pod {r.pod_cpu_ms:.2f}, etcd "
+                          f"{r.etcd_cpu_ms:.2f}, client {r.client_cpu_ms:.2f} (load average before: "
+                          f"{r.load_average:.1f}; pod loop {loop})", flush=True)
+                    stop(p)
         for i in range(0 if args.registrations_only else args.starts):
             for service, records in ((full, args.models), ("empty", 0)):
                 p = pod(service)
@@ -377,11 +384,11 @@ def run(args: argparse.Namespace) -> Results:
 def report(results: Results) -> dict[str, object]:
     n = results.models
     print(f"\nB4 registry scale — {results.machine}; {n} models, one etcd, pods and client on the same machine")
-    print(f"{'register-bulk concurrency':>26} {'pod loop':>8} {'seconds':>8} {'models/s':>9}   CPU ms/model: "
+    print(f"{'register-bulk path':>19} {'conc':>6} {'pod loop':>8} {'seconds':>8} {'models/s':>9}   CPU ms/model: "
           f"{'pod':>5} {'etcd':>5} {'client':>6} {'total':>5}  load avg")
     for r in results.registration:
         total = r.pod_cpu_ms + r.etcd_cpu_ms + r.client_cpu_ms
-        print(f"{r.concurrency:>26} {r.pod_loop:>8} {r.seconds:>8.2f} {r.per_second:>9.0f}   {'':13} "
+        print(f"{r.path:>19} {r.concurrency:>6} {r.pod_loop:>8} {r.seconds:>8.2f} {r.per_second:>9.0f}   {'':13} "
               f"{r.pod_cpu_ms:>5.2f} {r.etcd_cpu_ms:>5.2f} {r.client_cpu_ms:>6.2f} {total:>5.2f}  "
               f"{r.load_average:>8.1f}")
 
@@ -394,7 +401,7 @@ def report(results: Results) -> dict[str, object]:
     rss_empty = med([m.rss_kb for m in results.memory if m.records == 0])
     per_model = (rss_full - rss_empty) * 1024 / n
     summary = {
-        "registrations_per_s": {f"{r.concurrency}/{r.pod_loop}": r.per_second for r in results.registration},
+        "registrations_per_s": {f"{r.path}/{r.concurrency}/{r.pod_loop}": r.per_second for r in results.registration},
         "start_to_serving_s": med([s.to_serving_s for s in full_start]),
         "start_to_index_s": med([s.to_index_s for s in full_start]),
         "empty_start_to_serving_s": med([s.to_serving_s for s in empty_start]),
@@ -428,6 +435,10 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 8, 128],
                         help="register-bulk --concurrency values; the first one's registry is the one started on")
+    parser.add_argument("--path", nargs="+", choices=("stream", "unary"), default=["stream", "unary"],
+                        help="how register-bulk registers: over the ModelMeshBulk stream (its default) or "
+                             "--unary (one registerModel call per model, the baseline); each concurrency "
+                             "runs once per path, alternating")
     parser.add_argument("--pod-loop", nargs="+", choices=("auto", "asyncio", "uvloop"), default=["auto"],
                         help="event loop(s) of the registering pod; with several, each concurrency runs once "
                              "per loop, alternating (starts and memory use the first)")
