@@ -62,3 +62,32 @@ def test_unreachable_pod_is_a_clear_error():
                        check=False)
     assert result.returncode == 1
     assert "unix:/nonexistent/modelmesh.sock" in result.stderr
+
+
+def test_bulk_registration_lands_in_etcd_over_the_stream_and_unary(tmp_path):
+    """register-bulk through one pod (the stream, then --unary); a pod started afterwards on the
+    same etcd lists every record, and each invalid model was reported with its code."""
+    from tests.etcd_server import EtcdServer
+
+    lines = [json.dumps({"id": f"s{i:03d}" + ("\u0001" if i % 50 == 7 else ""), "path": f"/m/s{i}.onnx"})
+             for i in range(200)]
+    (tmp_path / "stream.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "unary.jsonl").write_text("\n".join(line.replace('"s', '"u', 1) for line in lines) + "\n")
+    with EtcdServer() as etcd:
+        pod = start_pod(tmp_path, "--etcd", etcd.endpoint, "--capacity", str(50_000_000))
+        try:
+            ep = ["--endpoint", pod.address]
+            for name, flags in (("stream", ()), ("unary", ("--unary",))):
+                bulk = modelmesh("models", "register-bulk", str(tmp_path / f"{name}.jsonl"), *flags, *ep, check=False)
+                assert bulk.returncode == 1, bulk.stderr
+                assert bulk.stdout.splitlines()[:2] == ["196 registered, 4 failed (of 200)", "INVALID_ARGUMENT: 4"]
+        finally:
+            assert pod.stop() == 0, pod.log()
+        fresh = start_pod(tmp_path, "--etcd", etcd.endpoint, "--capacity", str(50_000_000))
+        try:
+            listed = modelmesh("models", "list", "--json", "--endpoint", fresh.address).stdout.splitlines()
+        finally:
+            assert fresh.stop() == 0, fresh.log()
+    ids = {json.loads(line)["id"] for line in listed}
+    assert len(ids) == 392
+    assert {"s000", "s199", "u000", "u199"} <= ids and "s007" not in ids

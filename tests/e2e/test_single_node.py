@@ -224,7 +224,10 @@ def test_health_and_reflection(pod: PodProcess):
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
         responses = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in responses[0].list_services_response.service}
-        assert {"mmesh.ModelMesh", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+        assert {"mmesh.ModelMesh", "mmesh.ModelMeshBulk", "inference.GRPCInferenceService",
+                "grpc.health.v1.Health"} <= names
+        bulk = health_pb2.HealthCheckRequest(service="mmesh.ModelMeshBulk")
+        assert health.Check(bulk).status == health_pb2.HealthCheckResponse.SERVING
         responses = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
             file_containing_symbol="inference.GRPCInferenceService")])))
         assert responses[0].file_descriptor_response.file_descriptor_proto

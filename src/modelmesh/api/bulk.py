@@ -49,7 +49,10 @@ class BulkRegistrationServicer:
         async def register_one(index: int, request: mpb.RegisterModelRequest) -> None:
             try:
                 status = await register(self._mesh, request)
-            except Exception as exc:  # one model's failure is its result, not the stream's end
+            except (Exception, asyncio.CancelledError) as exc:  # one model's failure is its result
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise  # the stream is ending: no one will read a result
                 code, message = reported_status(exc, METHOD)
                 result = mpb.RegisterModelResult(index=index, modelId=request.modelId, code=code.value[0],
                                                  message=message)
