@@ -6,11 +6,15 @@ What is real (imported and called as the mesh calls them):
   records, the entry pod's own pending loads projected on top; then ``eviction.choose_evictions``
   (weighted by use) on the chosen pod, and ``eviction.churn_guard`` when turned on;
 - a request for a model with copies: ``load.choose_copy`` (with one copy the answer is that copy),
-  fed with the requests the entry pod has in flight to each pod, as ``mesh.py`` does;
+  fed with the requests the entry pod has in flight to each pod, as ``mesh.py`` does, and each
+  holder's published request rate (``CopyView.pod_rate_rpm``; the mesh does not pass it yet);
 - each pod's published request rate: ``rates.RateMeter`` on the simulated clock, counting what
-  ``mesh.py`` counts (requests entering the pod, and those forwarded to it);
+  ``mesh.py`` counts (requests entering the pod, and those forwarded to it); the pods start with
+  the trace, so the meters scale their first minute up to a minute;
 - every rate period (10 s): ``copies.RateWindow`` per copy and per model, ``copies.UseHistory``,
-  ``copies.copy_targets``, then ``copies.choose_new_copy_pods`` or ``copies.choose_copies_to_remove``.
+  ``copies.copy_targets`` (with the mean of the pods' published rates: ``mean_pod_rpm``, which
+  the mesh does not pass yet), then ``copies.choose_new_copy_pods`` or
+  ``copies.choose_copies_to_remove``.
 
 What is simulated: requests enter at a random pod (a load balancer in front); every pod republishes
 its record every ``publish_ms`` (the mesh checks every second and republishes when figures moved,
@@ -18,10 +22,14 @@ which a busy full pod's do), and an entry pod's pending loads count until then. 
 its pod for ``service_ms``. Loads are instantaneous: the figures are about placement, not load
 latency. Choices the mesh has not made yet, made here as stated:
 
-- a copy's eviction credit counts its own requests of the last minute (``eviction="copy"``: what a
-  pod counts alone), or its share of its model's requests of the last minute anywhere, before its
-  last eviction too (``"model"``: the mesh would need that count in the model record), or nothing
-  (``"lru"``);
+- a copy's eviction credit counts, per byte (``typical_size_bytes``: the median model size):
+  ``eviction="record"`` (the default, the rule the mesh is to follow) its own requests of the last
+  minute, plus what the model's record carries (``eviction.carried_use``) from the copy evicted
+  last: the pod that removes a copy writes the copy's recent uses (``RateWindow.recent_uses``)
+  and the time into the record in the same write; ``"copy"``, its own requests only (what a pod
+  counts alone, the rule before); ``"model"``, its share of its model's requests of the last minute
+  anywhere, before its last eviction too (a continuously summed count per model: the bound of
+  what a record could carry); ``"lru"``, nothing (plain least recently used, no size weighing);
 - the LRU time a pod publishes is its first victim's eviction score, capped at now (see
   ``_publish``); a copy added for traffic starts with its share of that traffic as its use;
 - the traffic of copies added in the last minute, which their pods' rates show only in part, is
@@ -53,18 +61,18 @@ from modelmesh.placement.copies import (
     copy_targets,
     project_traffic,
 )
-from modelmesh.placement.eviction import CachedModel, choose_evictions, churn_guard, eviction_score
+from modelmesh.placement.eviction import CachedModel, carried_use, choose_evictions, churn_guard, eviction_score
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
 from modelmesh.placement.view import ClusterView, CopyView, InstanceView, ModelView, PendingLoad
 from modelmesh.rates import RateMeter
 
 __all__ = ["EVICTION_INPUTS", "MeshSim", "run_mesh"]
 
-# what a copy's eviction credit counts: "copy", the requests the copy served in the last minute
-# (what a pod can count alone); "model", its share of the requests its model got anywhere in the
-# last minute, before its last eviction too (the mesh would need that count in the model record);
-# "lru": nothing, plain least recently used
-EVICTION_INPUTS = ("copy", "model", "lru")
+# what a copy's eviction credit counts (see the module docstring): "record", its own requests of
+# the last minute plus what the model's record carries from its last evicted copy; "copy", its own
+# requests only; "model", its share of its model's requests of the last minute anywhere; "lru":
+# nothing, plain least recently used
+EVICTION_INPUTS = ("copy", "model", "record", "lru")
 
 # a copy's state: [last used ms, eviction credit, loaded since ms, request rate rpm]
 _LAST, _CREDIT, _SINCE, _RPM = 0, 1, 2, 3
@@ -88,7 +96,7 @@ class _SimClock:
 
 
 class MeshSim:
-    def __init__(self, cfg: SimConfig, sizes: list[int], capacity: int, *, eviction: str = "copy",
+    def __init__(self, cfg: SimConfig, sizes: list[int], capacity: int, *, eviction: str = "record",
                  check_evictions: bool = False) -> None:
         if eviction not in EVICTION_INPUTS:
             raise ValueError(f"eviction must be one of {EVICTION_INPUTS}, got {eviction!r}")
@@ -99,6 +107,8 @@ class MeshSim:
         self.eviction = eviction
         self.weighted = eviction != "lru"
         self.check_evictions = check_evictions
+        # eviction weighs use per byte against this size (the mesh: its typical predicted size)
+        self.typical = cfg.size_median if self.weighted else 0
         pods = cfg.pods
         self.ids = [f"pod-{i:03d}" for i in range(pods)]
         self.index = {iid: i for i, iid in enumerate(self.ids)}
@@ -111,6 +121,9 @@ class MeshSim:
         self.model_last_used = [0] * self.n_models
         # rate tracking, keyed pod * n_models + model
         self.period_hits: dict[int, int] = {}
+        # a copy's own requests this period are its key's minus those of an earlier copy on the
+        # same pod (evicted and loaded again within the period)
+        self.hits_before_load: dict[int, int] = {}
         self.copy_windows: dict[int, RateWindow] = {}
         self.model_windows: dict[int, RateWindow] = {}
         # requests in the last minute (at the last rate period): per model, per copy
@@ -132,11 +145,16 @@ class MeshSim:
         # each entry pod's view: the published records plus the loads it sent since
         self.entry_views: list[ClusterView] = []
         self.view = ClusterView(())
+        self.pod_rpm = [0] * pods
         # the published view plus the copies placed since (pending loads and their traffic)
         self.copy_view = self.view
         # copies added for traffic: (when, pod, expected rpm), for a minute
         self.recent_copies: deque[tuple[int, str, float]] = deque()
         self.tally: Tally | None = None
+        # eviction "record": each model's use as its record keeps it when a copy goes (count, ms),
+        # and the copies still carrying some of it
+        self.record_use: dict[int, tuple[float, int]] = {}
+        self.carrying: set[int] = set()
         self.watched = -1
         self.evictions = 0
 
@@ -152,6 +170,9 @@ class MeshSim:
         pods = cfg.pods
         next_tick = times[0] - times[0] % RATE_PERIOD_MS + RATE_PERIOD_MS if times else 0
         next_publish = times[0] if times else 0
+        # the pods start with the trace: their rate meters count from its first request
+        self.clock.ms = times[0] if times else 0
+        self.meters = [RateMeter(self.clock) for _ in range(pods)]
         service = cfg.service_ms
         in_flight = self.in_flight
         resident = self.resident
@@ -213,8 +234,9 @@ class MeshSim:
         else:
             # as mesh.py: the requests this entry pod forwarded; its own copy counts as idle
             known = self.forwarded[entry]
+        rates = self.pod_rpm
         copies = [CopyView(self.ids[h], known[h] if h != entry or self.cfg.copy_load == "global" else 0,
-                           int(self.resident[h][m][_SINCE])) for h in holders]
+                           int(self.resident[h][m][_SINCE]), rates[h]) for h in holders]
         chosen = choose_copy(copies, local_instance=self.ids[entry], prefer_local=False, now_ms=t, rng=self.rng)
         return self.index[chosen]
 
@@ -268,8 +290,17 @@ class MeshSim:
             return False
         if not rpm and self.eviction == "model":
             rpm = self.model_used.get(m, 0.0) / (len(self.holders.get(m, ())) + 1)
-        credit = self._credit(rpm)
+        elif self.eviction == "record" and m in self.record_use:
+            count, counted_ms = self.record_use[m]
+            carried = carried_use(count, counted_ms, t)
+            if carried > 0:
+                self.carrying.add(p * self.n_models + m)
+                rpm += carried
+        credit = self._credit(rpm, m)
         self.resident[p][m] = [t, credit, t, rpm]
+        key = p * self.n_models + m
+        if key in self.period_hits:
+            self.hits_before_load[key] = self.period_hits[key]
         if rpm > 0:
             self.rated.add(p * self.n_models + m)
         heapq.heappush(self.heaps[p], (t + credit, self.mids[m], m))
@@ -303,9 +334,9 @@ class MeshSim:
                 idle_bytes += self.sizes[x]
         rest = self.used[p] - sum(c.size_bytes for c in head)
         cache = [*head, CachedModel("<rest of the cache>", rest, 0, busy=True)] if rest else head
-        decision = choose_evictions(cache, self.capacity, size)
+        decision = choose_evictions(cache, self.capacity, size, typical_size_bytes=self.typical)
         if self.check_evictions:
-            whole = choose_evictions(self._cached_models(p), self.capacity, size)
+            whole = choose_evictions(self._cached_models(p), self.capacity, size, typical_size_bytes=self.typical)
             assert whole.victims == decision.victims, (whole, decision)
         victims = set(decision.victims)
         for entry in popped:
@@ -325,13 +356,28 @@ class MeshSim:
             for x, st in self.resident[p].items()
         ]
 
-    def _credit(self, rpm: float) -> float:
+    def _credit(self, rpm: float, m: int = 0) -> float:
         """What ``eviction_score`` adds to a last use for this rate (0 with plain LRU)."""
         if not self.weighted or rpm <= 0:
             return 0.0
-        return eviction_score(CachedModel("", 0, 0, request_rate_rpm=rpm))
+        return eviction_score(CachedModel("", self.sizes[m], 0, request_rate_rpm=rpm), self.typical)
+
+    def _own_hits(self, key: int) -> int:
+        return self.period_hits.get(key, 0) - self.hits_before_load.get(key, 0)
 
     def _unload(self, p: int, m: int) -> None:
+        if self.eviction == "record":
+            # the record write that removes the copy also keeps its use: its requests of the
+            # complete periods of the last minute and of the period being counted
+            # (RateWindow.recent_uses), plus what it still carried from the record, and when
+            key = p * self.n_models + m
+            now = self.clock.ms
+            window = self.copy_windows.get(key)
+            count = (window.minute_rpm(now) if window else 0.0) + self._own_hits(key)
+            if key in self.carrying:
+                count += carried_use(*self.record_use[m], now)
+                self.carrying.discard(key)
+            self.record_use[m] = (count, now)
         del self.resident[p][m]
         self.rated.discard(p * self.n_models + m)
         self.used[p] -= self.sizes[m]
@@ -372,6 +418,7 @@ class MeshSim:
             unseen[iid] = unseen.get(iid, 0.0) + rpm * (1 - (t - added_ms) / _RATE_SPAN_MS)
         view = ClusterView(tuple(instances), default_model_size_bytes=self.cfg.size_median)
         self.view = project_traffic(view, unseen)
+        self.pod_rpm = [i.request_rate_rpm for i in self.view.instances]
         self.entry_views = [self.view] * len(self.ids)
         self.copy_view = self.view
 
@@ -382,10 +429,13 @@ class MeshSim:
         last_ms = now - 1
         model_hits: dict[int, int] = {}
         for key, hits in self.period_hits.items():
-            self.copy_windows[key] = self.copy_windows.get(key, RateWindow()).add(last_ms, hits)
+            own = hits - self.hits_before_load.get(key, 0)
+            if own:
+                self.copy_windows[key] = self.copy_windows.get(key, RateWindow()).add(last_ms, own)
             m = key % n
             model_hits[m] = model_hits.get(m, 0) + hits
         self.period_hits.clear()
+        self.hits_before_load.clear()
         for m, hits in model_hits.items():
             self.model_windows[m] = self.model_windows.get(m, RateWindow()).add(last_ms, hits)
             self.history[m] = self.history.get(m, UseHistory()).record(last_ms)
@@ -416,6 +466,16 @@ class MeshSim:
                 if holders:
                     for p in holders:
                         used[p * n + m] = count / len(holders)
+        elif self.eviction == "record":
+            used = dict(copy_used)
+            for key in list(self.carrying):
+                p, m = divmod(key, n)
+                count, counted_ms = self.record_use[m]
+                carried = carried_use(count, counted_ms, now)
+                if carried <= 0:
+                    self.carrying.discard(key)
+                else:
+                    used[key] = used.get(key, 0.0) + carried
         else:
             used = copy_used
         for key in self.rated - used.keys():
@@ -428,7 +488,7 @@ class MeshSim:
             p, m = divmod(key, n)
             st = self.resident[p][m]
             st[_RPM] = count
-            st[_CREDIT] = self._credit(count)
+            st[_CREDIT] = self._credit(count, m)
         self.rated = set(used)
         # the credits moved: rebuild each pod's eviction order
         for p, res in enumerate(self.resident):
@@ -440,6 +500,7 @@ class MeshSim:
     def _copy_rules(self, now: int, model_rpm: dict[int, float]) -> None:
         cfg = self.cfg
         fullness = sum(self.used) / (self.capacity * cfg.pods)
+        mean_pod_rpm = sum(self.pod_rpm) / len(self.pod_rpm)
         for m, rpm in model_rpm.items():
             holders = self.holders.get(m)
             if not holders:
@@ -447,7 +508,8 @@ class MeshSim:
             view = CopyModelView(self.mids[m], len(holders), rpm, self.history.get(m, UseHistory()),
                                  copies_changed_ms=self.copies_changed.get(m, 0))
             decision = copy_targets(view, now_ms=now, threshold_rpm=cfg.threshold_rpm,
-                                    cluster_fullness=fullness, cluster_size=cfg.pods)
+                                    cluster_fullness=fullness, cluster_size=cfg.pods, mean_pod_rpm=mean_pod_rpm,
+                                    busiest_holder_rpm=max(self.pod_rpm[h] for h in holders))
             if decision.target_copies > len(holders):
                 self._add_copies(m, decision.target_copies - len(holders), now, rpm)
             elif decision.target_copies < len(holders):
@@ -475,7 +537,7 @@ class MeshSim:
 
 
 def run_mesh(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: int, tally: Tally, *,
-             eviction: str = "copy", name: str = "mesh") -> PolicyResult:
+             eviction: str = "record", name: str = "mesh") -> PolicyResult:
     started = time.perf_counter()
     MeshSim(cfg, sizes, capacity, eviction=eviction).run(trace, tally)
     return tally.result(name, time.perf_counter() - started)

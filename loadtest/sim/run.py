@@ -23,6 +23,10 @@ def _mesh_model_use(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: in
     return run_mesh(cfg, trace, sizes, capacity, tally, eviction="model", name="mesh, model-level use")
 
 
+def _mesh_copy_use(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: int, tally: Tally) -> PolicyResult:
+    return run_mesh(cfg, trace, sizes, capacity, tally, eviction="copy", name="mesh, copy's own use")
+
+
 def _mesh_lru(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: int, tally: Tally) -> PolicyResult:
     return run_mesh(cfg, trace, sizes, capacity, tally, eviction="lru", name="mesh, plain LRU")
 
@@ -31,6 +35,7 @@ def _mesh_lru(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: int, tal
 POLICIES: dict[str, Runner] = {
     "mesh": run_mesh,
     "mesh-model": _mesh_model_use,
+    "mesh-copy": _mesh_copy_use,
     "mesh-lru": _mesh_lru,
     "ray": run_ray,
     "random": run_random,

@@ -22,7 +22,8 @@ class RateMeter:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._counts = [0] * _BUCKETS
-        self._bucket = int(clock.monotonic()) // _BUCKET_S
+        self._started = clock.monotonic()
+        self._bucket = int(self._started) // _BUCKET_S
 
     def _turn(self) -> None:
         bucket = int(self._clock.monotonic()) // _BUCKET_S
@@ -36,5 +37,11 @@ class RateMeter:
         self._counts[self._bucket % _BUCKETS] += n
 
     def rpm(self) -> int:
+        """The count of the last minute; in the meter's first minute, the count so far scaled to a
+        minute (from 10 s on), so a new pod's rate is not a fraction of what it serves."""
         self._turn()
-        return sum(self._counts)
+        total = sum(self._counts)
+        age = self._clock.monotonic() - self._started
+        if age < _BUCKET_S * _BUCKETS:
+            return round(total * _BUCKET_S * _BUCKETS / max(age, _BUCKET_S))
+        return total

@@ -52,8 +52,16 @@ def test_lru_on_a_hand_checked_trace():
 
 
 def test_mesh_without_rates_is_lru():
-    # no rate period completes in 0.8 s, so no copy has a rate: weighted eviction is plain LRU
-    assert one_pod(CYCLE, run_mesh) == 0.0
+    # no rate period completes in 0.8 s, so no copy has a rate: weighted eviction on a copy's own
+    # count is plain LRU
+    assert one_pod(CYCLE, lambda *a: run_mesh(*a, eviction="copy")) == 0.0
+
+
+def test_the_record_carries_an_evicted_models_use():
+    # A B C A B D A B: C evicts A, whose record keeps its one request. A and B come back carrying
+    # their use, so the copies without any (B's first copy, then C, then D) go first, D evicts
+    # the older carrier A, and B hits at last: 1 hit of 8 (plain LRU: none)
+    assert one_pod(CYCLE, run_mesh) == 1 / 8
 
 
 # A five times, B once, a period closes (A: 5 requests, B: 1), then two one-offs and A again

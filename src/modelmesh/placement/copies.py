@@ -17,14 +17,20 @@ of the last minute instead (:meth:`RateWindow.minute_rpm`), where one request is
 3. **Regular use**: a model with a copy, used in the last two minutes and also 7 to 40 minutes
    ago (:class:`UseHistory`), keeps a second copy for resilience, unless the cluster is more than
    90% full.
-4. **Scale-up**: when the copies carry more than ``threshold_rpm`` each on average, the model
-   gets ``ceil(total rpm / threshold_rpm)`` copies, at most a third of the eligible pods (but two
+4. **Scale-up**: when the copies carry more than the copy limit each on average, the model
+   gets ``ceil(total rpm / limit)`` copies, at most a third of the eligible pods (but two
    may always be had, so small clusters can scale up too). All missing copies are added in one step, so a model at 4x the threshold has its four
    copies at the end of its first complete period of that traffic: within two periods of the
-   burst's start, wherever in a period it started.
+   burst's start, wherever in a period it started. The copy limit (:func:`copy_limit_rpm`) is
+   ``threshold_rpm``, or a tenth of the mean pod's published rate when that is lower: a copy
+   that is a large part of its pod's work makes that pod the busiest wherever it lands, while
+   many small copies let request routing (``placement.load.choose_copy``) even the pods out. At
+   100 pods x 100,000 models (Zipf 1.0, 100 req/s a pod, the top model 8x a pod's rate) models
+   between 1,200 and 2,000 rpm kept one copy each under the threshold alone, and pods that drew
+   two or three of them served 1.4-1.5x the mean.
 5. **Scale-down**, one copy per model per run, only when all of these hold: the cluster is at
    least 95% full (space is needed; otherwise a spare copy costs nothing and adds resilience), the
-   copies left would each carry less than 2/3 of the threshold (so the removal cannot trigger
+   copies left would each carry less than 2/3 of the copy limit (so the removal cannot trigger
    rule 4 again), the copies have not changed for :data:`COOL_DOWN_MS`, and rules 1-3 do not
    need the copy. Never below one copy: removing the last copy is eviction's business.
 
@@ -57,11 +63,14 @@ from modelmesh.placement.view import ClusterView, ModelView, PendingLoad
 
 __all__ = [
     "COOL_DOWN_MS",
+    "COPY_POD_SHARE",
     "RATE_PERIODS",
     "RATE_PERIOD_MS",
     "REGULAR_PRIOR_MAX_MIN",
     "REGULAR_PRIOR_MIN_MIN",
     "REGULAR_RECENT_MIN",
+    "RELIEF_MIN_SHARE",
+    "RELIEF_POD_RATIO",
     "SCALE_DOWN_FULLNESS",
     "SCALE_DOWN_SHARE",
     "SCALE_UP_CLUSTER_SHARE",
@@ -75,6 +84,7 @@ __all__ = [
     "UseHistory",
     "choose_copies_to_remove",
     "choose_new_copy_pods",
+    "copy_limit_rpm",
     "copy_targets",
     "project_traffic",
 ]
@@ -90,6 +100,14 @@ REGULAR_PRIOR_MAX_MIN: Final = 40
 SECOND_COPY_MAX_FULLNESS: Final = 0.90
 # scale-up: at most this share of the eligible pods
 SCALE_UP_CLUSTER_SHARE: Final = 3
+# a copy carries at most this share of the mean pod's published request rate (when the caller
+# knows it); see copy_limit_rpm
+COPY_POD_SHARE: Final = 0.1
+COPY_LIMIT_FLOOR_RPM: Final = 100.0
+# relief: a model with at least this share of the copy limit per copy, on a pod whose published
+# rate is above this multiple of the mean pod's, gets one more copy
+RELIEF_POD_RATIO: Final = 1.05
+RELIEF_MIN_SHARE: Final = 0.1
 # scale-down: only this full, only below this share of the threshold per remaining copy
 SCALE_DOWN_FULLNESS: Final = 0.95
 SCALE_DOWN_SHARE: Final = 2 / 3
@@ -144,6 +162,12 @@ class RateWindow:
         """Requests in the last six complete periods (a minute; fewer periods count as zeros): how
         much a copy is used, for eviction. Unlike :meth:`rpm` a single request is 1 rpm, not 6."""
         return float(sum(self.advanced(now_ms).done))
+
+    def recent_uses(self, now_ms: int) -> float:
+        """Requests in the last six complete periods and the one being counted: what a pod writes
+        into the model's record when it removes the copy (``eviction.carried_use`` reads it back)."""
+        w = self.advanced(now_ms)
+        return float(sum(w.done) + w.count)
 
     def idle(self, now_ms: int) -> bool:
         """Nothing counted in the whole window: the caller may drop it."""
@@ -226,15 +250,23 @@ def copy_targets(
     threshold_rpm: float,
     cluster_fullness: float,
     cluster_size: int,
+    mean_pod_rpm: float = 0.0,
+    busiest_holder_rpm: float = 0.0,
 ) -> CopyDecision:
     """The number of copies ``model`` should have now; the rules are in the module docstring.
 
     ``cluster_size`` counts the pods eligible for the model (its type's required labels and its
     pin labels); ``cluster_fullness`` is used / capacity over the cluster (0..1);
-    ``threshold_rpm`` is ``MM_SCALEUP_RPM_THRESHOLD``.
+    ``threshold_rpm`` is ``MM_SCALEUP_RPM_THRESHOLD``. ``mean_pod_rpm`` is the mean request rate
+    of the pods' records (0: unknown); a copy may carry at most :data:`COPY_POD_SHARE` of it
+    (:func:`copy_limit_rpm`), so that no copy is a large part of any pod's work.
+    ``busiest_holder_rpm`` is the highest published request rate among the pods holding the model
+    (0: unknown): a model with real traffic on a pod well above the mean gets one more copy
+    (rule 4b), and keeps it.
     """
     if threshold_rpm <= 0:
         raise ValueError(f"threshold_rpm must be positive, got {threshold_rpm}")
+    threshold_rpm = copy_limit_rpm(threshold_rpm, mean_pod_rpm)
     have = model.copies
     if cluster_size <= 0:
         return CopyDecision(have, "no eligible pods")
@@ -253,14 +285,25 @@ def copy_targets(
     if regular and cluster_fullness <= SECOND_COPY_MAX_FULLNESS and target < 2:
         target, why = 2, "used regularly: a second copy for resilience"
 
+    # a third of the cluster, but a hot model may always have a second copy: with ModelMesh's
+    # plain third, clusters of under six pods could never scale a model up at all
+    cap = min(cluster_size, max(2, cluster_size // SCALE_UP_CLUSTER_SHARE))
     if rpm > threshold_rpm * max(have, 1):
-        # a third of the cluster, but a hot model may always have a second copy: with ModelMesh's
-        # plain third, clusters of under six pods could never scale a model up at all
-        cap = min(cluster_size, max(2, cluster_size // SCALE_UP_CLUSTER_SHARE))
         wanted = min(math.ceil(rpm / threshold_rpm), cap)
         if wanted > target:
             capped = " (a third of the cluster)" if wanted == cap else ""
             target, why = wanted, f"{rpm:.0f} rpm over {have} copies, above {threshold_rpm:.0f} per copy{capped}"
+
+    relieve = (
+        mean_pod_rpm > 0
+        and busiest_holder_rpm > RELIEF_POD_RATIO * mean_pod_rpm
+        and rpm >= RELIEF_MIN_SHARE * threshold_rpm * max(have, 1)
+    )
+    if relieve and target <= have < cap:
+        target, why = have + 1, (
+            f"a holder at {busiest_holder_rpm:.0f} rpm, over {RELIEF_POD_RATIO:.2f}x the mean pod's "
+            f"{mean_pod_rpm:.0f}: one more copy to share {rpm:.0f} rpm"
+        )
 
     if target > cluster_size:
         target, why = cluster_size, f"{why}, limited to the {cluster_size} eligible pods"
@@ -273,6 +316,8 @@ def copy_targets(
         bar = SCALE_DOWN_SHARE * threshold_rpm
         if cluster_fullness < SCALE_DOWN_FULLNESS:
             why += f"; spare copies kept, cluster {cluster_fullness:.0%} full"
+        elif mean_pod_rpm > 0 and busiest_holder_rpm > mean_pod_rpm:
+            why += "; a holder is busier than the mean pod"
         elif left_rpm >= bar:
             why += f"; {have - 1} copies would carry {left_rpm:.0f} rpm each, not under {bar:.0f}"
         elif now_ms - model.copies_changed_ms < COOL_DOWN_MS:
@@ -284,6 +329,17 @@ def copy_targets(
                 f"{cluster_fullness:.0%} full: one copy fewer",
             )
     return CopyDecision(have, why)
+
+
+def copy_limit_rpm(threshold_rpm: float, mean_pod_rpm: float = 0.0) -> float:
+    """The rate one copy may carry before the model gets more copies: ``threshold_rpm``
+    (``MM_SCALEUP_RPM_THRESHOLD``), or :data:`COPY_POD_SHARE` of the mean pod's published request
+    rate when that is lower (``mean_pod_rpm`` > 0: the mean of the instance records'
+    ``request_rate_rpm``, which count the requests entering a pod and those forwarded to it)."""
+    if mean_pod_rpm > 0:
+        # published rates move by 100 rpm before a record is republished: below that, noise
+        return min(threshold_rpm, max(COPY_POD_SHARE * mean_pod_rpm, COPY_LIMIT_FLOOR_RPM))
+    return threshold_rpm
 
 
 # --- which copies go ----------------------------------------------------------------------------

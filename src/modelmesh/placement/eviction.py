@@ -1,21 +1,31 @@
 """Which loaded models to unload so a new one fits, and when a full pod should refuse to load at all.
 
-Eviction order is least recently used, weighted by use. Each idle model gets an *eviction score*,
-a last-use time moved later by a credit for its traffic, and the lowest score goes first::
+Eviction order is least recently used, weighted by use per byte. Each idle model gets an *eviction
+score*, a last-use time moved later by a credit for its traffic, and the lowest score goes first::
 
-    score = last_used_ms + USE_CREDIT_MS * log2(1 + request_rate_rpm)
+    score = last_used_ms + USE_CREDIT_MS * log2(1 + uses * typical_size / size)
 
-``request_rate_rpm`` is the copy's requests over the last minute (``RateWindow.minute_rpm`` in
-``placement.copies``), so the credit fades a minute after the traffic stops and an unused model
-falls back to plain LRU. Every doubling of the rate is worth another 15 s of recency: a model used
-every 5 s (12 rpm, credit 56 s) outlives a model used once (1 rpm, credit 15 s) that happened to be
-used a few seconds later, and among models with no traffic the order is exactly LRU. The logarithm
-keeps a model at 2,000 rpm worth under 3 minutes, so a hot model that goes quiet soon leaves.
+``uses`` is the copy's requests over the last minute (``request_rate_rpm``: ``RateWindow.minute_rpm``
+in ``placement.copies``), plus what the model's record still carries from copies evicted in the
+last minute (:func:`carried_use`), so the credit fades a minute after the traffic stops, an unused
+model falls back to plain LRU, and a model evicted a moment ago comes back with its credit.
+Every doubling of the use is worth another 15 s of recency: a model used every 5 s (12 rpm,
+credit 56 s) outlives a model used once (1 rpm, credit 15 s) that happened to be used a few
+seconds later, and among models with no traffic the order is exactly LRU. The logarithm keeps a
+model at 2,000 rpm worth under 3 minutes, so a hot model that goes quiet soon leaves.
 
-Why 15 s: in the simulator (``python -m loadtest.sim``, 10 pods x 10,000 models, memory for 10%)
-it beat a credit of 60 s and 4 min, and plain LRU, both on steady Zipf popularity (72.5% hits, LRU
-about 67%) and on popularity whose hot set moves every 2 minutes (67.3%, against 64.3% with 60 s:
-a large credit keeps the last hot set for the minute its counts take to age out).
+Per byte: ``typical_size`` (the pod's typical model size, when the caller passes it) over the
+model's size scales the use, so a model twice the typical size needs twice the requests to keep
+the same place: memory buys the most hits when it holds the most requests per byte.
+
+Evidence (``python -m loadtest.sim``, memory for 10% of the models, Zipf 1.0; the figures are in
+``docs/benchmarks.md``): 15 s beat 60 s, 4 min and plain LRU at 10 pods x 10,000 models, on steady
+popularity and on a hot set that moves every 2 minutes (67.3% against 64.3% with 60 s: a large
+credit keeps the last hot set for the minute its counts take to age out). At 30 pods x 30,000
+models (the mesh's other rules as in the benchmark): weighing use per byte 77.5% -> 78.4% hits;
+the use carried by the record 74.2% -> 78.7% (a copy's own count alone forgets, at each eviction,
+everything the model did before; the LRU age there is seconds, so it forgets often); credits of
+30 s and 60 s, or not counting a model's first request, within 0.1 point of 15 s.
 
 A model whose eviction would leave it below its minimum number of copies (``min_copies_pinned``)
 is never a victim, like a busy one.
@@ -32,17 +42,22 @@ __all__ = [
     "CHURN_FACTOR",
     "CHURN_MIN_MS",
     "USE_CREDIT_MS",
+    "USE_WINDOW_MS",
     "CachedModel",
+    "carried_use",
     "EvictionDecision",
     "choose_evictions",
     "churn_guard",
     "churn_threshold_ms",
     "eviction_key",
     "eviction_score",
+    "use_credit_ms",
 ]
 
 # recency credit per doubling of a copy's request rate (see the module docstring)
 USE_CREDIT_MS: Final = 15_000
+# a copy's use counts the requests of this last window (RateWindow.minute_rpm)
+USE_WINDOW_MS: Final = 60_000
 # churn guard: a full pod refuses loads while its oldest entry is younger than
 # CHURN_FACTOR x max(CHURN_MIN_MS, load timeout / 3) (ModelMesh's rule)
 CHURN_FACTOR: Final = 10
@@ -58,7 +73,8 @@ class CachedModel:
     last_used_ms: int
     # loading, or serving requests right now: never evicted
     busy: bool = False
-    # requests per minute to this copy over the last minute; 0 (unknown or unused) means plain LRU
+    # requests to this copy over the last minute, plus the model's use its record carries
+    # (carried_use) when the copy is younger than a minute; 0 (unknown or unused) means plain LRU
     request_rate_rpm: float = 0.0
     # evicting this copy would take the model below its minimum copies, or off the last pod it is
     # pinned to: never evicted
@@ -72,27 +88,51 @@ class EvictionDecision:
     reason: str
 
 
-def eviction_score(entry: CachedModel) -> float:
-    """The entry's last use, moved later by the credit for its traffic; the lowest goes first."""
+def carried_use(count: float, counted_ms: int, now_ms: int) -> float:
+    """A model's use as its record carried it when its last copy went (``count`` requests in the
+    minute before ``counted_ms``), as much of it as still falls in the last minute at ``now_ms``
+    (the minute is taken as evenly used). A new copy adds this to its own count, so a model
+    evicted a moment ago comes back with the credit it had, not as a stranger."""
+    if count <= 0:
+        return 0.0
+    left = 1.0 - max(0, now_ms - counted_ms) / USE_WINDOW_MS
+    return count * left if left > 0 else 0.0
+
+
+def use_credit_ms(request_rate_rpm: float, size_bytes: int = 0, typical_size_bytes: int = 0) -> float:
+    """What a copy's use adds to its last use in :func:`eviction_score`: ``USE_CREDIT_MS`` per
+    doubling of its use, the use scaled by ``typical_size_bytes / size_bytes`` when both are known."""
+    uses = request_rate_rpm
+    if uses <= 0:
+        return 0.0
+    if typical_size_bytes > 0 and size_bytes > 0:
+        uses *= typical_size_bytes / size_bytes
+    return USE_CREDIT_MS * math.log2(1.0 + uses)
+
+
+def eviction_score(entry: CachedModel, typical_size_bytes: int = 0) -> float:
+    """The entry's last use, moved later by the credit for its traffic; the lowest goes first.
+    ``typical_size_bytes`` (0: not known) weighs the traffic per byte (see the module docstring)."""
     if entry.request_rate_rpm <= 0:
         return float(entry.last_used_ms)
-    return entry.last_used_ms + USE_CREDIT_MS * math.log2(1.0 + entry.request_rate_rpm)
+    return entry.last_used_ms + use_credit_ms(entry.request_rate_rpm, entry.size_bytes, typical_size_bytes)
 
 
-def eviction_key(entry: CachedModel) -> tuple[float, str]:
+def eviction_key(entry: CachedModel, typical_size_bytes: int = 0) -> tuple[float, str]:
     """The eviction order, first victim first: score, then id so the choice is deterministic.
     Callers that keep their cache in this order (a heap) can hand :func:`choose_evictions` only
     its head and get the same victims."""
-    return eviction_score(entry), entry.model_id
+    return eviction_score(entry, typical_size_bytes), entry.model_id
 
 
 def choose_evictions(
-    cache: Iterable[CachedModel], capacity_bytes: int, needed_bytes: int
+    cache: Iterable[CachedModel], capacity_bytes: int, needed_bytes: int, *, typical_size_bytes: int = 0
 ) -> EvictionDecision:
     """Pick the idle models with the lowest eviction score whose removal makes room for ``needed_bytes``.
 
     ``cache`` holds everything that takes space now, busy or not (a loading model weighs its
-    predicted size). Victims are taken in :func:`eviction_key` order (plain least recently used
+    predicted size). ``typical_size_bytes``, the pod's typical model size, weighs use per byte
+    (0: per model). Victims are taken in :func:`eviction_key` order (plain least recently used
     when no entry has a request rate) until the free space covers the need; busy and pinned
     models are skipped. When even evicting every other model leaves too little room, nothing is
     evicted: a partial eviction would only destroy warm models without letting the new one in.
@@ -107,7 +147,8 @@ def choose_evictions(
             False, (),
             f"needs {needed_bytes} bytes, more than the runtime's whole capacity of {capacity_bytes}",
         )
-    idle = sorted((e for e in entries if not e.busy and not e.min_copies_pinned), key=eviction_key)
+    idle = sorted((e for e in entries if not e.busy and not e.min_copies_pinned),
+                  key=lambda e: eviction_key(e, typical_size_bytes))
     weighted = any(e.request_rate_rpm > 0 for e in idle)
     victims: list[str] = []
     for entry in idle:

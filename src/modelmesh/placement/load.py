@@ -42,6 +42,7 @@ from modelmesh.placement.view import (
 )
 
 __all__ = [
+    "COPY_CHOICES",
     "CandidateOrder",
     "PlacementDecision",
     "allowed_rate_ratio",
@@ -71,6 +72,8 @@ COLD_AFTER_MS: Final = 10 * 60_000
 RATE_FLOOR_RPM: Final = 100
 # Copies loaded more recently than this are still warming up; routing avoids them while it can.
 SETTLE_MS: Final = 1_000
+# Routing among copies by pod rate: the less busy of this many copies drawn at random.
+COPY_CHOICES: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +236,13 @@ def tier(key: CandidateKey) -> tuple[bool, int, int, bool]:
     return key[0], key[1], key[2], key[3]
 
 
-def shortlist(ranked: Sequence[InstanceView], order: CandidateOrder, *, now_ms: int) -> list[InstanceView]:
+def shortlist(
+    ranked: Sequence[InstanceView],
+    order: CandidateOrder,
+    *,
+    now_ms: int,
+    keys: Mapping[str, CandidateKey] | None = None,
+) -> list[InstanceView]:
     """The near-best of ``ranked`` (sorted by ``order.key``, best first), best included.
 
     Only candidates in the best one's tier qualify, so preferred labels and newer versions are never
@@ -241,12 +250,15 @@ def shortlist(ranked: Sequence[InstanceView], order: CandidateOrder, *, now_ms: 
 
     - best is full: LRU time within ``max(45 s, 10% of the best's LRU age)`` of the best's;
     - otherwise: more than 1/4 of the best's free space and at most 1.25x its model count.
+
+    ``keys`` (instance id -> ``order.key``), when the caller has them, saves computing them again.
     """
     if not ranked:
         return []
+    key = order.key if keys is None else (lambda c: keys[c.instance_id])
     best = ranked[0]
-    best_tier = tier(order.key(best))
-    same_tier = [c for c in ranked if tier(order.key(c)) == best_tier]
+    best_tier = tier(key(best))
+    same_tier = [c for c in ranked if tier(key(c)) == best_tier]
     if order.is_full(best):
         window = max(LRU_WINDOW_MIN_MS, LRU_WINDOW_AGE_SHARE * max(0, now_ms - best.lru_time_ms))
         return [c for c in same_tier if c.lru_time_ms - best.lru_time_ms <= window]
@@ -396,8 +408,9 @@ def choose_load_target(
         default_model_size_bytes=view.default_model_size_bytes,
         preferred=constraint.preferred,
     )
-    ranked = sorted(eligible, key=order.key)
-    near = shortlist(ranked, order, now_ms=now_ms)
+    keys = {inst.instance_id: order.key(inst) for inst in eligible}
+    ranked = sorted(eligible, key=lambda inst: keys[inst.instance_id])
+    near = shortlist(ranked, order, now_ms=now_ms, keys=keys)
     idle_ms = now_ms - model.last_used_ms if model.last_used_ms > 0 else None
     quiet = filter_by_load(near, allowed_rate_ratio(idle_ms))
     fewest_pending = min(c.pending_loads for c in quiet)
@@ -433,9 +446,15 @@ def choose_copy(
        across pods, so a second hop would only add latency), the local copy if there is one.
     2. Otherwise only copies loaded at least 1 s ago are considered (a fresh copy may still be
        warming up), unless every copy is that new.
-    3. Among those, the fewest requests in flight wins.
-    4. Ties go to the local copy (no network hop), else to a seeded random pick, so pods that see
-       the same counts do not all pile onto the same copy.
+    3. When the pods' published request rates are known (``pod_rate_rpm``), the copy on the less
+       busy pod of :data:`COPY_CHOICES` copies drawn at random wins (ties: fewer in flight, then
+       instance id). The rates are a minute's count republished every second or so: sending every
+       request to the quietest pod would herd onto it until its record catches up, while a few
+       random candidates steer traffic away from busy pods without herding (power of choices).
+       A model with many copies then fills the pods that its other traffic leaves quiet.
+    4. Otherwise the fewest requests in flight wins; ties go to the local copy (no network hop),
+       else to a seeded random pick, so pods that see the same counts do not all pile onto the
+       same copy.
 
     Raises ``ValueError`` when ``copies`` is empty: the caller places a load instead.
     """
@@ -445,6 +464,9 @@ def choose_copy(
     if prefer_local and local:
         return local_instance
     settled = [c for c in copies if now_ms - c.loaded_since_ms >= SETTLE_MS] or list(copies)
+    if len(settled) > 1 and any(c.pod_rate_rpm > 0 for c in settled):
+        drawn = rng.sample(sorted(settled, key=lambda c: c.instance_id), min(COPY_CHOICES, len(settled)))
+        return min(drawn, key=lambda c: (c.pod_rate_rpm, c.in_flight, c.instance_id)).instance_id
     fewest = min(c.in_flight for c in settled)
     best = sorted({c.instance_id for c in settled if c.in_flight == fewest})
     if local_instance in best:

@@ -123,3 +123,5 @@ class CopyView:
     in_flight: int
     # when the copy finished loading (or was recorded); may be slightly in the future
     loaded_since_ms: int
+    # the request rate the holding pod publishes (its instance record); 0 when unknown
+    pod_rate_rpm: int = 0
