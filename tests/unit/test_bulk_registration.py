@@ -214,3 +214,38 @@ async def test_no_answer_within_the_timeout_fails_the_unanswered(capsys: Capsys,
         "DEADLINE_EXCEEDED: 1",
         "  s0: no answer from the pod within 0.3 s",
     ]
+
+
+class BreakingBulk(model_mesh_pb2_grpc.ModelMeshBulkServicer):
+    """Answers the first request, then ends the stream with an error after reading two more."""
+
+    async def registerModels(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        index = 0
+        async for request in request_iterator:
+            if index == 0:
+                yield mpb.RegisterModelsResponse(results=[mpb.RegisterModelResult(index=0, modelId=request.modelId)])
+            elif index == 2:
+                await context.abort(grpc.StatusCode.INTERNAL, "pod broke")
+            index += 1
+
+
+async def test_a_stream_ending_in_an_error_fails_the_unanswered_and_stops(capsys: Capsys, tmp_path: Path) -> None:
+    server = grpc.aio.server()
+    model_mesh_pb2_grpc.add_ModelMeshBulkServicer_to_server(BreakingBulk(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        source = tmp_path / "models.txt"
+        source.write_text("".join(f"b{i} /models/b{i}.onnx\n" for i in range(10)))
+        code, out, _ = await run(capsys, "register-bulk", str(source), "--concurrency", "2",
+                                 "--endpoint", f"127.0.0.1:{port}")
+    finally:
+        await server.stop(None)
+    # b0 answered; b1 and b2 sent and unanswered when the stream ended; the rest never sent
+    assert code == 1
+    assert out.splitlines() == [
+        "1 registered, 2 failed, 7 not attempted (of 10)",
+        "INTERNAL: 2",
+        "  b1: pod broke",
+        "  b2: pod broke",
+    ]
