@@ -40,7 +40,7 @@ from modelmesh.errors import (
 )
 from modelmesh.metrics import MeshMetrics
 from modelmesh.placement.copies import RateWindow, UseHistory, choose_new_copy_pods
-from modelmesh.placement.eviction import CachedModel, choose_evictions, churn_guard
+from modelmesh.placement.eviction import CachedModel, carried_use, choose_evictions, churn_guard
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
 from modelmesh.placement.proactive import PROACTIVE_MAX_LOADS, plan_proactive_loads
 from modelmesh.placement.view import (
@@ -297,7 +297,8 @@ class Mesh:
         now = self._clock.now_ms()
         live = [i for i in record.copies if i not in excluded and self.cluster.is_live(i)]
         if live:
-            copies = [CopyView(i, self._peers.in_flight(i), record.copies[i]) for i in live]
+            copies = [CopyView(i, self._peers.in_flight(i), record.copies[i], pod_rate_rpm=self.pod_rate(i))
+                      for i in live]
             return choose_copy(copies, local_instance=self.instance_id, prefer_local=prefer_local,
                                now_ms=now, rng=self._rng)
         failed = self._recent_failures(record, now)
@@ -363,6 +364,20 @@ class Mesh:
         needed = self._constraints.for_type(record.info.type).required | frozenset(record.pin_labels)
         instances = self._published_instances() if self.cluster is not None else {}
         return sorted(i for i, r in instances.items() if not r.shutting_down and needed <= set(r.labels))
+
+    def pod_rate(self, instance_id: str) -> int:
+        """A pod's request rate as placement sees it: this pod's own, live; another's as published."""
+        if instance_id == self.instance_id:
+            return self.requests.rpm()
+        record = self.cluster.view.get(instance_id) if self.cluster is not None else None
+        return record.request_rate_rpm if record is not None else 0
+
+    def mean_pod_rate(self) -> float:
+        """The mean request rate over the live pods' records (this pod's live): the copy limit's base."""
+        if self.cluster is None:
+            return float(self.requests.rpm())
+        instances = self._published_instances()
+        return sum(self.pod_rate(i) for i in instances) / len(instances)
 
     def cluster_fullness(self) -> float:
         instances = self._published_instances().values() if self.cluster is not None else []
@@ -804,7 +819,7 @@ class Mesh:
     async def _make_room(self, model_id: str, needed: int) -> None:
         """Evict least recently used idle models until ``needed`` bytes fit beside the rest."""
         others = [self._cached(c) for c in self._copies.values() if c.model_id != model_id]
-        decision = choose_evictions(others, self.capacity_bytes, needed)
+        decision = choose_evictions(others, self.capacity_bytes, needed, typical_size_bytes=self._typical_size)
         if not decision.fits:
             raise CapacityExhausted(f"cannot load '{model_id}': {decision.reason}")
         refusal = self._churning(decision.victims[0]) if decision.victims else None
@@ -835,8 +850,9 @@ class Mesh:
         return CachedModel(
             c.model_id, c.size_bytes, c.last_used_ms,
             busy=c.state is CopyState.LOADING or c.in_flight > 0 or fresh,
-            # eviction weighs the plain count of the last minute (one request is one)
-            request_rate_rpm=c.rate.minute_rpm(now),
+            # eviction weighs the plain count of the last minute (one request is one), plus what
+            # the record still carries of the model's use when its last copy went
+            request_rate_rpm=c.rate.minute_rpm(now) + (_carried(record, c, now) if record is not None else 0.0),
             min_copies_pinned=pinned,
         )
 
@@ -856,7 +872,7 @@ class Mesh:
             self._metrics.model_evicted.inc()
             self._metrics.age_at_eviction.observe(now - evicted.last_used_ms)
             log.info("evicting '%s' (%d bytes) %s", victim, evicted.size_bytes, why)
-            unloads.append(self._start_unload(victim, evicted=True, last_used_ms=evicted.last_used_ms))
+            unloads.append(self._start_unload(victim, evicted=True, gone=evicted))
         if unloads:
             await asyncio.gather(*unloads, return_exceptions=True)
 
@@ -869,7 +885,7 @@ class Mesh:
         if target <= 0 or self.capacity_bytes - self.used_bytes() >= target:
             return
         cache = [self._cached(c) for c in self._copies.values()]
-        decision = choose_evictions(cache, self.capacity_bytes, target)
+        decision = choose_evictions(cache, self.capacity_bytes, target, typical_size_bytes=self._typical_size)
         if decision.fits and decision.victims and not self._churning(decision.victims[0]):
             await self._evict(decision.victims, "to keep room for the next load")
 
@@ -885,9 +901,10 @@ class Mesh:
                 raise ModelLoadFailed(err.message) from err
             log.warning("over capacity after loading '%s': %s", model_id, err.message)
 
-    def _start_unload(self, model_id: str, *, evicted: bool, last_used_ms: int = 0) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._unload(model_id, evicted=evicted, last_used_ms=last_used_ms),
-                                   name=f"unload:{model_id}")
+    def _start_unload(self, model_id: str, *, evicted: bool, gone: LocalCopy | None = None) -> asyncio.Task[None]:
+        """Unload the model from the runtime, then take the copy out of its record. ``gone``, the
+        copy as it was when it left the table, leaves its last use and use count in the record."""
+        task = asyncio.create_task(self._unload(model_id, evicted=evicted, gone=gone), name=f"unload:{model_id}")
         self._unloads[model_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -899,7 +916,7 @@ class Mesh:
         task.add_done_callback(done)
         return task
 
-    async def _unload(self, model_id: str, *, evicted: bool, last_used_ms: int = 0) -> None:
+    async def _unload(self, model_id: str, *, evicted: bool, gone: LocalCopy | None = None) -> None:
         started = self._clock.monotonic()
         try:
             async for attempt in AsyncRetrying(
@@ -916,13 +933,15 @@ class Mesh:
             log.error("unloading '%s' failed: %s", model_id, err)
         # The memory is free now; whoever waits for this unload (a load making room) need not
         # wait for the store too. A reload of the same model waits for this write (_load).
-        self._record_writes[model_id] = self._spawn(self._forget_copy(model_id, last_used_ms), f"forget:{model_id}")
+        self._record_writes[model_id] = self._spawn(self._forget_copy(model_id, gone), f"forget:{model_id}")
 
-    async def _forget_copy(self, model_id: str, last_used_ms: int = 0) -> None:
+    async def _forget_copy(self, model_id: str, gone: LocalCopy | None = None) -> None:
         """Take this pod's copy out of the record, which keeps the copy's last use as the model's
-        (the order proactive loading brings models back in)."""
+        (the order proactive loading brings models back in) and its use of the last minute (the
+        credit eviction gives the model's next copy)."""
+        now = self._clock.now_ms()
         try:
-            await self._registry.update(model_id, lambda r: _without_copy(r, self.instance_id, last_used_ms))
+            await self._registry.update(model_id, lambda r: _without_copy(r, self.instance_id, gone, now))
         except ModelNotFound:
             pass
         except MeshError as err:
@@ -950,7 +969,7 @@ class Mesh:
             await asyncio.gather(task, return_exceptions=True)
         copy = self._copies.pop(model_id, None)
         if copy is not None:
-            await self._start_unload(model_id, evicted=False, last_used_ms=copy.last_used_ms)
+            await self._start_unload(model_id, evicted=False, gone=copy)
 
     def _on_model_removed(self, model_id: str) -> None:
         self._failures.pop(model_id, None)
@@ -1152,11 +1171,22 @@ def _with_copy(record: ModelRecord, instance_id: str, started_ms: int) -> ModelR
     return record
 
 
-def _without_copy(record: ModelRecord, instance_id: str, last_used_ms: int = 0) -> ModelRecord | None:
+def _carried(record: ModelRecord, copy: LocalCopy, now_ms: int) -> float:
+    """What the record carries of the model's use from before this copy was loaded."""
+    if copy.state_ms <= record.use_count_ms:
+        return 0.0  # counted already: the figure was written after this copy loaded
+    return carried_use(record.use_count, record.use_count_ms, now_ms)
+
+
+def _without_copy(record: ModelRecord, instance_id: str, gone: LocalCopy | None = None,
+                  now_ms: int = 0) -> ModelRecord | None:
     if instance_id not in record.copies:
         return None
     del record.copies[instance_id]
-    record.last_used_ms = max(record.last_used_ms, last_used_ms)
+    if gone is not None:
+        record.last_used_ms = max(record.last_used_ms, gone.last_used_ms)
+        uses = gone.rate.recent_uses(now_ms) + gone.requests + _carried(record, gone, now_ms)
+        record.use_count, record.use_count_ms = uses, now_ms
     return record
 
 

@@ -90,6 +90,7 @@ class CopyKeeper:
         self.fold(now)
         threshold = self._threshold()
         fullness = mesh.cluster_fullness()
+        mean_pod_rpm = mesh.mean_pod_rate()
         for copy in mesh.loaded_copies():
             record = mesh.record(copy.model_id)
             if record is None:
@@ -106,7 +107,8 @@ class CopyKeeper:
                     copies_changed_ms=self._changed_ms.get(copy.model_id, 0),
                 ),
                 now_ms=now, threshold_rpm=threshold, cluster_fullness=fullness,
-                cluster_size=max(1, len(eligible)),
+                cluster_size=max(1, len(eligible)), mean_pod_rpm=mean_pod_rpm,
+                busiest_holder_rpm=max(mesh.pod_rate(i) for i in holders),
             )
             if decision.target_copies > len(holders):
                 # each new copy will take about an equal share of the model's traffic

@@ -70,6 +70,10 @@ class ModelRecord:
     min_copies: int = 0
     all_pods: bool = False
     pin_labels: tuple[str, ...] = ()
+    # the model's use when its last copy went: requests in the minute before use_count_ms
+    # (placement.eviction.carried_use gives a new copy what is left of it)
+    use_count: float = 0.0
+    use_count_ms: int = 0
 
     def to_json(self) -> bytes:
         # Written out rather than through dataclasses.asdict, which deep-copies every field: 8 us
@@ -86,6 +90,8 @@ class ModelRecord:
             "min_copies": self.min_copies,
             "all_pods": self.all_pods,
             "pin_labels": list(self.pin_labels),
+            "use_count": self.use_count,
+            "use_count_ms": self.use_count_ms,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -102,6 +108,8 @@ class ModelRecord:
             min_copies=d.get("min_copies", 0),
             all_pods=d.get("all_pods", False),
             pin_labels=tuple(d.get("pin_labels", ())),
+            use_count=d.get("use_count", 0.0),
+            use_count_ms=d.get("use_count_ms", 0),
         )
 
 

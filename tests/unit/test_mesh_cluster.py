@@ -466,3 +466,37 @@ async def test_the_leaders_keeper_loads_ahead_every_seven_minutes_not_at_once(lo
     await k.tick()
     await until(lambda: sum(len(p.runtime.loaded) for p in pods.values()) == 3, "the three loaded ahead")
     assert all(len(a.registry.cached(f"r{i}").copies) == 1 for i in range(3))
+
+
+async def test_requests_for_a_model_held_elsewhere_go_to_the_copy_on_the_quieter_pod(long_lived_pods):
+    pods = long_lived_pods
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await register(a, "two")
+    await infer(b, "two", forwarded=True)
+    await infer(c, "two", forwarded=True)
+    for _ in range(3000):  # pod-b is busy with other work: its published rate says so
+        b.mesh.requests.hit()
+    await until(lambda: a.cluster.view.get("pod-b").request_rate_rpm >= 3000, "pod-b's busy record")
+    a.clock.advance(6)  # past the fresh-copy grace, so both copies count as settled
+    before = len(b.runtime.invocations)
+    for _ in range(20):
+        await infer(a, "two")
+    assert len(b.runtime.invocations) == before
+    assert sum(1 for _, m in c.runtime.invocations if m == "two") == 21
+
+
+async def test_an_evicted_copy_leaves_its_use_in_the_record_and_the_next_copy_starts_with_it(pods):
+    a = pods["pod-a"]
+    await register(a, "m")
+    for _ in range(12):
+        await infer(a, "m", forwarded=True)
+    a.clock.advance(1)
+    await a.mesh.drop_copy("m")
+    await until(lambda: "pod-a" not in a.registry.cached("m").copies, "the copy to leave the record")
+    record = a.registry.cached("m")
+    assert record.use_count == 12 and record.use_count_ms == a.clock.now_ms()
+    # loaded again 15 s later: three quarters of the minute's use is still carried
+    a.clock.advance(15)
+    await infer(a, "m", forwarded=True)
+    copy = a.mesh._copies["m"]
+    assert a.mesh._cached(copy).request_rate_rpm == pytest.approx(12 * 0.75)

@@ -189,3 +189,12 @@ def test_a_new_meter_scales_its_first_minute_up_to_a_minute():
         meter.hit(10)
     # after a minute, the plain count of the buckets kept
     assert 500 <= meter.rpm() <= 600
+
+
+def test_relief_needs_a_pod_busier_by_a_hundred_rpm_too():
+    # a mean pod at 1,000 rpm: the copy limit is 100, so 50 rpm is enough traffic for relief
+    assert targets(50, mean_pod_rpm=1000.0, busiest_holder_rpm=1101.0).target_copies == 2
+    # over 1.05x the mean but only 90 rpm above it: noise, not a hot spot
+    assert targets(50, mean_pod_rpm=1000.0, busiest_holder_rpm=1090.0).target_copies == 1
+    # 12 requests a minute on a pod beside a mean of 6 is no hot spot either
+    assert targets(10, mean_pod_rpm=6.0, busiest_holder_rpm=12.0).target_copies == 1

@@ -22,6 +22,8 @@ records = st.builds(
     min_copies=st.integers(0, 1000),
     all_pods=st.booleans(),
     pin_labels=st.lists(text, max_size=3).map(tuple),
+    use_count=st.floats(0, 1e6, allow_nan=False),
+    use_count_ms=ms,
 )
 
 
@@ -34,3 +36,9 @@ def test_to_json_writes_every_field_as_asdict_would_and_round_trips(record):
 def test_the_encoder_knows_every_field():
     written = json.loads(ModelRecord(ModelInfo("onnx", "/m"), 1).to_json())
     assert set(written) == {f.name for f in fields(ModelRecord)}
+
+
+def test_a_record_written_before_use_counts_reads_with_none():
+    old = b'{"info":{"type":"onnx","path":"/m","key":""},"registered_ms":5,"copies":{"pod-a":7}}'
+    record = ModelRecord.from_json(old)
+    assert (record.use_count, record.use_count_ms, record.copies) == (0.0, 0, {"pod-a": 7})

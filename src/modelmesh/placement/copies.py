@@ -28,6 +28,9 @@ of the last minute instead (:meth:`RateWindow.minute_rpm`), where one request is
    100 pods x 100,000 models (Zipf 1.0, 100 req/s a pod, the top model 8x a pod's rate) models
    between 1,200 and 2,000 rpm kept one copy each under the threshold alone, and pods that drew
    two or three of them served 1.4-1.5x the mean.
+   4b. **Relief**: a model carrying at least a tenth of the limit per copy, on a pod whose published
+   rate is over 1.05x the mean pod's and at least 100 rpm above it, gets one more copy (within
+   the third of the cluster), and is not scaled down while a holder is busier than the mean.
 5. **Scale-down**, one copy per model per run, only when all of these hold: the cluster is at
    least 95% full (space is needed; otherwise a spare copy costs nothing and adds resilience), the
    copies left would each carry less than 2/3 of the copy limit (so the removal cannot trigger
@@ -69,6 +72,7 @@ __all__ = [
     "REGULAR_PRIOR_MAX_MIN",
     "REGULAR_PRIOR_MIN_MIN",
     "REGULAR_RECENT_MIN",
+    "RELIEF_MIN_EXCESS_RPM",
     "RELIEF_MIN_SHARE",
     "RELIEF_POD_RATIO",
     "SCALE_DOWN_FULLNESS",
@@ -108,6 +112,9 @@ COPY_LIMIT_FLOOR_RPM: Final = 100.0
 # rate is above this multiple of the mean pod's, gets one more copy
 RELIEF_POD_RATIO: Final = 1.05
 RELIEF_MIN_SHARE: Final = 0.1
+# ... and only when that pod is this far above the mean too: a pod at 12 rpm beside a mean of 6 is
+# not a hot spot (records move by 100 rpm before they are republished: below that, noise)
+RELIEF_MIN_EXCESS_RPM: Final = 100.0
 # scale-down: only this full, only below this share of the threshold per remaining copy
 SCALE_DOWN_FULLNESS: Final = 0.95
 SCALE_DOWN_SHARE: Final = 2 / 3
@@ -294,11 +301,8 @@ def copy_targets(
             capped = " (a third of the cluster)" if wanted == cap else ""
             target, why = wanted, f"{rpm:.0f} rpm over {have} copies, above {threshold_rpm:.0f} per copy{capped}"
 
-    relieve = (
-        mean_pod_rpm > 0
-        and busiest_holder_rpm > RELIEF_POD_RATIO * mean_pod_rpm
-        and rpm >= RELIEF_MIN_SHARE * threshold_rpm * max(have, 1)
-    )
+    hot_holder = _hot_holder(mean_pod_rpm, busiest_holder_rpm)
+    relieve = hot_holder and rpm >= RELIEF_MIN_SHARE * threshold_rpm * max(have, 1)
     if relieve and target <= have < cap:
         target, why = have + 1, (
             f"a holder at {busiest_holder_rpm:.0f} rpm, over {RELIEF_POD_RATIO:.2f}x the mean pod's "
@@ -317,6 +321,7 @@ def copy_targets(
         if cluster_fullness < SCALE_DOWN_FULLNESS:
             why += f"; spare copies kept, cluster {cluster_fullness:.0%} full"
         elif mean_pod_rpm > 0 and busiest_holder_rpm > mean_pod_rpm:
+            # hysteresis: relief adds a copy above 1.05x the mean; it stays until under the mean
             why += "; a holder is busier than the mean pod"
         elif left_rpm >= bar:
             why += f"; {have - 1} copies would carry {left_rpm:.0f} rpm each, not under {bar:.0f}"
@@ -329,6 +334,12 @@ def copy_targets(
                 f"{cluster_fullness:.0%} full: one copy fewer",
             )
     return CopyDecision(have, why)
+
+
+def _hot_holder(mean_pod_rpm: float, busiest_holder_rpm: float) -> bool:
+    """A holder busier than the mean pod by RELIEF_POD_RATIO and RELIEF_MIN_EXCESS_RPM (rule 4b)."""
+    return mean_pod_rpm > 0 and busiest_holder_rpm > max(
+        RELIEF_POD_RATIO * mean_pod_rpm, mean_pod_rpm + RELIEF_MIN_EXCESS_RPM)
 
 
 def copy_limit_rpm(threshold_rpm: float, mean_pod_rpm: float = 0.0) -> float:
