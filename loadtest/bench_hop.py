@@ -102,16 +102,23 @@ def infer_request(model_id: str, features: int) -> bytes:
     return req.SerializeToString()
 
 
-async def run_round(target: str, address: str, body: bytes, concurrency: int, duration: float) -> RoundResult:
+async def run_round(target: str, address: str, body: bytes, concurrency: int, duration: float,
+                    channels: int = 1) -> RoundResult:
+    """``concurrency`` closed-loop callers sending ``body`` for ``duration`` seconds, spread over
+    ``channels`` connections (more than one: separate subchannel pools, so several connections
+    reach a port that several processes share)."""
     latencies: list[float] = []
     errors = 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(INFER)
-        for _ in range(WARMUP_CALLS):  # warm the channel and both servers
-            await call(body)
+    options = [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
+    chans = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
+    try:
+        calls = [ch.unary_unary(INFER) for ch in chans]
+        for call in calls:  # warm every connection and both servers (and load the model behind it)
+            for _ in range(WARMUP_CALLS):
+                await call(body, timeout=60)
         stop_at = time.perf_counter() + duration
 
-        async def worker() -> None:
+        async def worker(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
             nonlocal errors
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
@@ -123,8 +130,11 @@ async def run_round(target: str, address: str, body: bytes, concurrency: int, du
                 latencies.append(time.perf_counter() - t0)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(calls[i % channels]) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
+    finally:
+        for ch in chans:
+            await ch.close()
     q = statistics.quantiles(latencies, n=100, method="inclusive")
     return RoundResult(target, concurrency, len(latencies), elapsed, len(latencies) / elapsed,
                        q[49] * 1000, q[98] * 1000, errors)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.bench_hop import INFER, POD_LOOPS, WARMUP_CALLS, RoundResult, cpu_s, infer_request, loadavg
+from loadtest.bench_hop import POD_LOOPS, WARMUP_CALLS, RoundResult, cpu_s, infer_request, loadavg, run_round
 from loadtest.bench_remote import Processes, machine
 from modelmesh.demo import demo_model_id
 
@@ -50,42 +50,6 @@ grpc.aio.server = server
 from modelmesh.cli import main
 sys.exit(main())
 """
-
-
-async def run_round(target: str, address: str, body: bytes, concurrency: int, duration: float,
-                    channels: int) -> RoundResult:
-    """bench_hop's closed loop, with the callers spread over ``channels`` separate connections."""
-    latencies: list[float] = []
-    errors = 0
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    chans = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
-    try:
-        calls = [ch.unary_unary(INFER) for ch in chans]
-        for call in calls:  # warm every connection (and load the model on the worker behind it)
-            for _ in range(WARMUP_CALLS):
-                await call(body, timeout=60)
-        stop_at = time.perf_counter() + duration
-
-        async def worker(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    await call(body, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(calls[i % channels]) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    finally:
-        for ch in chans:
-            await ch.close()
-    q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return RoundResult(target, concurrency, len(latencies), elapsed, len(latencies) / elapsed,
-                       q[49] * 1000, q[98] * 1000, errors)
 
 
 def main(argv: list[str] | None = None) -> int:

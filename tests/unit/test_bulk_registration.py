@@ -6,6 +6,7 @@ operator CLI and by a raw stream. The unary fallback against a pod without the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -185,6 +186,19 @@ async def test_the_pod_reads_no_further_ahead_than_its_bound(pod: Pod) -> None:
     assert all(r.code == 0 and r.status.status == mpb.ModelStatusInfo.LOADED for r in results)
 
 
+@contextlib.asynccontextmanager
+async def bulk_server(servicer: model_mesh_pb2_grpc.ModelMeshBulkServicer) -> AsyncIterator[str]:
+    """A bare gRPC server with only ``servicer`` as mmesh.ModelMeshBulk; yields its address."""
+    server = grpc.aio.server()
+    model_mesh_pb2_grpc.add_ModelMeshBulkServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
 class SilentBulk(model_mesh_pb2_grpc.ModelMeshBulkServicer):
     """A pod that takes registrations and never answers them."""
 
@@ -196,17 +210,10 @@ class SilentBulk(model_mesh_pb2_grpc.ModelMeshBulkServicer):
 
 
 async def test_no_answer_within_the_timeout_fails_the_unanswered(capsys: Capsys, tmp_path: Path) -> None:
-    server = grpc.aio.server()
-    model_mesh_pb2_grpc.add_ModelMeshBulkServicer_to_server(SilentBulk(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        source = tmp_path / "models.txt"
-        source.write_text("".join(f"s{i} /models/s{i}.onnx\n" for i in range(3)))
-        code, out, _ = await run(capsys, "register-bulk", str(source), "--timeout", "0.3",
-                                 "--endpoint", f"127.0.0.1:{port}")
-    finally:
-        await server.stop(None)
+    source = tmp_path / "models.txt"
+    source.write_text("".join(f"s{i} /models/s{i}.onnx\n" for i in range(3)))
+    async with bulk_server(SilentBulk()) as address:
+        code, out, _ = await run(capsys, "register-bulk", str(source), "--timeout", "0.3", "--endpoint", address)
     # the first request goes alone (see admin._register_streamed): the others are never sent
     assert code == 1
     assert out.splitlines() == [
@@ -230,17 +237,10 @@ class BreakingBulk(model_mesh_pb2_grpc.ModelMeshBulkServicer):
 
 
 async def test_a_stream_ending_in_an_error_fails_the_unanswered_and_stops(capsys: Capsys, tmp_path: Path) -> None:
-    server = grpc.aio.server()
-    model_mesh_pb2_grpc.add_ModelMeshBulkServicer_to_server(BreakingBulk(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        source = tmp_path / "models.txt"
-        source.write_text("".join(f"b{i} /models/b{i}.onnx\n" for i in range(10)))
-        code, out, _ = await run(capsys, "register-bulk", str(source), "--concurrency", "2",
-                                 "--endpoint", f"127.0.0.1:{port}")
-    finally:
-        await server.stop(None)
+    source = tmp_path / "models.txt"
+    source.write_text("".join(f"b{i} /models/b{i}.onnx\n" for i in range(10)))
+    async with bulk_server(BreakingBulk()) as address:
+        code, out, _ = await run(capsys, "register-bulk", str(source), "--concurrency", "2", "--endpoint", address)
     # b0 answered; b1 and b2 sent and unanswered when the stream ended; the rest never sent
     assert code == 1
     assert out.splitlines() == [
