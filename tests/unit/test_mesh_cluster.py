@@ -503,3 +503,16 @@ async def test_an_evicted_copy_leaves_its_use_in_the_record_and_the_next_copy_st
     await infer(a, "m", forwarded=True)
     copy = a.mesh._copies["m"]
     assert a.mesh._cached(copy).request_rate_rpm == pytest.approx(12 * 0.75)
+
+
+async def test_a_malformed_load_ahead_header_is_invalid_argument_not_a_crash(pods):
+    from modelmesh.errors import InvalidRequest
+    from modelmesh.routing import LOAD_AHEAD_HEADER, MODEL_METADATA_METHOD, encode_string_field
+
+    a = pods["pod-a"]
+    await register(a, "m")
+    md = [("mm-model-id", "m"), (LOAD_AHEAD_HEADER, "yesterday")]
+    with pytest.raises(InvalidRequest, match="mm-load-ahead must be a time in ms"):
+        await a.mesh.route(RouteTarget("m", "model"), MODEL_METADATA_METHOD, encode_string_field(1, "m"), md, None,
+                           forwarded=True)
+    assert a.runtime.load_calls == []
