@@ -563,8 +563,12 @@ class Mesh:
         """Remove copies of pods that are gone from every model record (leader's chore)."""
         assert self.cluster is not None
         cluster = self.cluster
-        swept = await self._sweep_records(lambda m, r: [
-            i for i in r.copies if i != self.instance_id and not cluster.is_live(i)])
+
+        def departed(model_id: str, record: ModelRecord) -> list[str]:
+            return [i for i in record.copies if i != self.instance_id and not cluster.is_live(i)]
+
+        swept = await self._registry.update_where(
+            lambda m, r: bool(departed(m, r)), lambda m, r: _without_copies(r, departed(m, r)))
         if swept:
             log.info("removed copies of departed pods from %d model records", swept)
         return swept
@@ -573,8 +577,12 @@ class Mesh:
         """Records that list this pod for a model it does not hold (or load) are corrected: at start
         the runtime holds nothing, whatever records say from an earlier life (a restarted pod keeps
         its name, so its id); later, an unload whose record write failed leaves the same."""
-        swept = await self._sweep_records(lambda m, r: [
-            i for i in r.copies if i == self.instance_id and m not in self._copies])
+
+        def stale(model_id: str, record: ModelRecord) -> bool:
+            return self.instance_id in record.copies and model_id not in self._copies
+
+        swept = await self._registry.update_where(
+            stale, lambda m, r: _without_copies(r, [self.instance_id] if stale(m, r) else []))
         if swept:
             log.info("removed stale copies of this instance from %d model records", swept)
         return swept
@@ -589,69 +597,35 @@ class Mesh:
             copy = self._copies.get(model_id)
             return copy.state_ms if copy is not None and copy.state is CopyState.LOADED else None
 
-        def with_own_copy(model_id: str) -> Callable[[ModelRecord], ModelRecord | None]:
-            def change(record: ModelRecord) -> ModelRecord | None:
-                since = held_since(model_id)  # again on the fresh record: an eviction may have begun
-                if since is None or self.instance_id in record.copies:
-                    return None
-                return _with_copy(record, self.instance_id, since)
-            return change
+        def missing(model_id: str, record: ModelRecord) -> bool:
+            return self.instance_id not in record.copies and held_since(model_id) is not None
 
-        restored = 0
-        for model_id in list(self._copies):
-            record = self._registry.cached(model_id)
-            if record is None or self.instance_id in record.copies or held_since(model_id) is None:
-                continue
-            try:
-                await self._registry.update(model_id, with_own_copy(model_id))
-                restored += 1
-            except ModelNotFound:
-                pass
+        def with_own_copy(model_id: str, record: ModelRecord) -> ModelRecord | None:
+            # decided again on the fresh record: an eviction may have begun meanwhile
+            since = held_since(model_id)
+            if since is None or self.instance_id in record.copies:
+                return None
+            return _with_copy(record, self.instance_id, since)
+
+        restored = await self._registry.update_where(missing, with_own_copy, model_ids=list(self._copies))
         if restored:
             log.info("recorded this instance's copies again in %d model records", restored)
         return restored
-
-    async def _sweep_records(self, stale: Callable[[str, ModelRecord], list[str]]) -> int:
-        """Take the copies ``stale`` names out of each record (compare-and-set, re-evaluated on
-        the fresh record); returns how many records changed."""
-
-        def without_stale(model_id: str) -> Callable[[ModelRecord], ModelRecord | None]:
-            def change(record: ModelRecord) -> ModelRecord | None:
-                gone = stale(model_id, record)
-                for i in gone:
-                    del record.copies[i]
-                return record if gone else None
-            return change
-
-        swept = 0
-        for model_id, record in self._registry.items():
-            if stale(model_id, record):
-                try:
-                    await self._registry.update(model_id, without_stale(model_id))
-                    swept += 1
-                except ModelNotFound:
-                    pass
-        return swept
 
     async def expire_failures(self) -> int:
         """Drop load failures older than the expiry from model records (leader's chore)."""
         now = self._clock.now_ms()
 
-        def fresh_only(record: ModelRecord) -> ModelRecord | None:
-            old = record.failures.keys() - self._recent_failures(record, now).keys()
-            for i in old:
-                del record.failures[i]
-            return record if old else None
+        def old(record: ModelRecord) -> set[str]:
+            return record.failures.keys() - self._recent_failures(record, now).keys()
 
-        expired = 0
-        for model_id, record in self._registry.items():
-            if len(self._recent_failures(record, now)) < len(record.failures):
-                try:
-                    await self._registry.update(model_id, fresh_only)
-                    expired += 1
-                except ModelNotFound:
-                    pass
-        return expired
+        def fresh_only(model_id: str, record: ModelRecord) -> ModelRecord | None:
+            gone = old(record)
+            for i in gone:
+                del record.failures[i]
+            return record if gone else None
+
+        return await self._registry.update_where(lambda m, r: bool(old(r)), fresh_only)
 
     async def invoke(
         self, model_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
@@ -1176,6 +1150,12 @@ def _carried(record: ModelRecord, copy: LocalCopy, now_ms: int) -> float:
     if copy.state_ms <= record.use_count_ms:
         return 0.0  # counted already: the figure was written after this copy loaded
     return carried_use(record.use_count, record.use_count_ms, now_ms)
+
+
+def _without_copies(record: ModelRecord, instance_ids: list[str]) -> ModelRecord | None:
+    for i in instance_ids:
+        del record.copies[i]
+    return record if instance_ids else None
 
 
 def _without_copy(record: ModelRecord, instance_id: str, gone: LocalCopy | None = None,

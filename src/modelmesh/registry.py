@@ -8,7 +8,7 @@ reads; writes through this object show in it at once.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from modelmesh.errors import Conflict, ModelNotFound
@@ -111,6 +111,31 @@ class Registry:
             self.view.remember(model_id, updated, revision)
             return updated
         raise Conflict(f"model '{model_id}' changed {_CAS_ATTEMPTS} times while being updated; try again")
+
+    async def update_where(
+        self,
+        needs: Callable[[str, ModelRecord], bool],
+        change: Callable[[str, ModelRecord], ModelRecord | None],
+        model_ids: Iterable[str] | None = None,
+    ) -> int:
+        """:meth:`update` each record that ``needs`` picks from the view (every record, or those of
+        ``model_ids``). ``change`` gets the fresh record under compare-and-set, so it decides again
+        and may find nothing left to do; records unregistered meanwhile are skipped. Returns how
+        many records were picked and written."""
+        if model_ids is None:
+            picked = list(self.view.items())
+        else:
+            picked = [(m, r) for m in list(model_ids) if (r := self.cached(m)) is not None]
+        updated = 0
+        for model_id, record in picked:
+            if not needs(model_id, record):
+                continue
+            try:
+                await self.update(model_id, lambda fresh, m=model_id: change(m, fresh))
+                updated += 1
+            except ModelNotFound:
+                pass
+        return updated
 
     async def delete(self, model_id: str) -> bool:
         deleted = await self._store.delete(self._key(model_id))
