@@ -410,6 +410,8 @@ class Mesh:
         """Load the model on that pod. ``ahead_of_ms``: a proactive load; the copy takes that time
         (the model's last use) as its own, so it is the first to go when its pod needs room."""
         if instance_id == self.instance_id:
+            if ahead_of_ms:
+                self._check_room_ahead(model_id)
             copy = await self._ensure_local(model_id)
             if ahead_of_ms:
                 _backdate(copy, ahead_of_ms)
@@ -423,6 +425,7 @@ class Mesh:
     async def _load_ahead(self, model_id: str, last_used_ms: int, method: str, body: bytes,
                           metadata: Metadata) -> bytes:
         """Another pod's proactive load: load here and answer, without counting it as a use."""
+        self._check_room_ahead(model_id)
         copy = await self._ensure_local(model_id)
         _backdate(copy, last_used_ms)
         copy.in_flight += 1
@@ -430,6 +433,18 @@ class Mesh:
             return await self._runtime.invoke(method, body, metadata, None)
         finally:
             copy.in_flight -= 1
+
+    def _check_room_ahead(self, model_id: str) -> None:
+        """A load ahead of need uses free room only: the planner judged this pod's room from its
+        published record, which may be behind; it must never evict a model in use for a guess."""
+        copy = self._copies.get(model_id)
+        if copy is not None or model_id in self._loads:
+            return  # loaded or on its way already: nothing to place
+        free = self.capacity_bytes - self.used_bytes()
+        needed = 2 * self._default_size()  # the model and a default model's room to spare
+        if free < needed:
+            raise CapacityExhausted(
+                f"no free room to load '{model_id}' ahead of need: {free} bytes free, {needed} wanted")
 
     def load_into_free_space(self) -> tuple[str, ...]:
         """Leader's chore: start loads of models held nowhere into the cluster's free space, most

@@ -516,3 +516,26 @@ async def test_a_malformed_load_ahead_header_is_invalid_argument_not_a_crash(pod
         await a.mesh.route(RouteTarget("m", "model"), MODEL_METADATA_METHOD, encode_string_field(1, "m"), md, None,
                            forwarded=True)
     assert a.runtime.load_calls == []
+
+
+async def test_a_load_ahead_of_need_never_evicts(pods):
+    from modelmesh.errors import CapacityExhausted
+    from modelmesh.routing import LOAD_AHEAD_HEADER, MODEL_METADATA_METHOD, encode_string_field
+
+    a, b = pods["pod-a"], pods["pod-b"]
+    b.runtime.capacity = b.mesh.capacity_bytes = 500  # room for 5 models of 100 bytes
+    for i in range(4):
+        await register(a, f"f{i}")
+        await infer(b, f"f{i}", forwarded=True)
+    await register(a, "ahead")
+    md = [("mm-model-id", "ahead"), (LOAD_AHEAD_HEADER, "1")]
+    # 100 bytes free, a model and a spare model's room wanted: refused, nothing evicted
+    with pytest.raises(CapacityExhausted, match="ahead of need"):
+        await b.mesh.route(RouteTarget("ahead", "model"), MODEL_METADATA_METHOD, encode_string_field(1, "ahead"),
+                           md, None, forwarded=True)
+    assert b.runtime.unload_calls == [] and "ahead" not in b.runtime.loaded
+    # with room to spare it loads, back-dated to the model's last use
+    b.runtime.capacity = b.mesh.capacity_bytes = 1000
+    await b.mesh.route(RouteTarget("ahead", "model"), MODEL_METADATA_METHOD, encode_string_field(1, "ahead"),
+                       md, None, forwarded=True)
+    assert "ahead" in b.runtime.loaded and b.mesh._copies["ahead"].last_used_ms == 1
