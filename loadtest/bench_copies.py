@@ -29,22 +29,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtest.workload import parse_metric_totals  # noqa: E402
+from loadtest.bench_hop import infer_request  # noqa: E402
+from loadtest.bench_remote import scrape  # noqa: E402
 from modelmesh.demo import write_demo_models  # noqa: E402
-from modelmesh.proto import grpc_predict_v2_pb2 as pb  # noqa: E402
 from modelmesh.proto import model_mesh_pb2 as mpb  # noqa: E402
 from modelmesh.proto import model_mesh_pb2_grpc as mgrpc  # noqa: E402
 from modelmesh.routing import encode_string_field  # noqa: E402
 from tests.etcd_server import EtcdServer  # noqa: E402
+from tests.procs import stop_process  # noqa: E402
 
 SERVING = re.compile(r"serving on \S+:(\d+) \(metrics on :(\d+)\)")
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -69,15 +68,10 @@ class Pod:
         raise RuntimeError(f"{self.name} exited: {log.read_text()[-2000:]}")
 
     def scrape(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as response:
-            return parse_metric_totals(response.read().decode())
+        return scrape(self.metrics)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def copies(address: str, model_id: str) -> list[str]:
@@ -91,14 +85,6 @@ def register(address: str, model_id: str, path: Path, *, load: bool) -> None:
         mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
             modelId=model_id, loadNow=load, sync=load, modelInfo=mpb.ModelInfo(type="onnx", path=str(path))),
             timeout=60)
-
-
-def infer_body(model_id: str, features: int, batch: int) -> bytes:
-    x = np.random.default_rng(0).standard_normal((batch, features)).astype(np.float32)
-    req = pb.ModelInferRequest(model_name=model_id)
-    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.tobytes())
-    return req.SerializeToString()
 
 
 async def closed_loop(addresses: list[str], body: bytes, concurrency: int, stop: asyncio.Event,
@@ -237,7 +223,7 @@ def main() -> int:
             for f in fillers:
                 register(pods[0].address, f.stem, f, load=False)
             print("part 1: a hot model", flush=True)
-            body = infer_body(HOT, args.features, args.batch)
+            body = infer_request(HOT, args.features, args.batch)
             one = asyncio.run(part1(args, etcd.endpoint, pods, body))
             if not args.skip_cooling:
                 print("part 2: the model cools while space is needed", flush=True)

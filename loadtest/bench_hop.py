@@ -94,8 +94,9 @@ def loadavg() -> str:
         return "n/a"
 
 
-def infer_request(model_id: str, features: int) -> bytes:
-    x = np.random.default_rng(0).standard_normal((1, features)).astype(np.float32)
+def infer_request(model_id: str, features: int, batch: int = 1) -> bytes:
+    """A serialized ModelInferRequest for a demo model: ``batch`` rows of ``features`` FP32 inputs."""
+    x = np.random.default_rng(0).standard_normal((batch, features)).astype(np.float32)
     req = pb.ModelInferRequest(model_name=model_id)
     req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
     req.raw_input_contents.append(x.tobytes())

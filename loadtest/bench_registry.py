@@ -182,13 +182,9 @@ class Pod:
         return len(reply.models)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from tests.procs import stop_process
+
+        stop_process(self.proc)
         self._log.close()
 
 

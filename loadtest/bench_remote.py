@@ -52,17 +52,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
+from loadtest.bench_hop import infer_request, loadavg
 from loadtest.workload import parse_metric_totals
 from modelmesh.demo import demo_model_id, write_demo_models
-from modelmesh.proto import grpc_predict_v2_pb2 as pb
 from modelmesh.proto import model_mesh_pb2 as mpb
 from modelmesh.proto import model_mesh_pb2_grpc as mgrpc
 from modelmesh.proto import model_runtime_pb2 as rpb
 from modelmesh.proto import model_runtime_pb2_grpc as rgrpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # tests/ holds the etcd and process helpers
+    sys.path.insert(0, str(REPO_ROOT))
+from tests.procs import stop_process  # noqa: E402
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 LOADS = "modelmesh_loadmodel_milliseconds_count"
 START_TIMEOUT_S = 60.0
@@ -93,8 +95,6 @@ class Processes:
         self.close()
 
     def start_etcd(self) -> str:
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
         from tests.etcd_server import EtcdServer
 
         self.etcd = EtcdServer()
@@ -154,25 +154,15 @@ class Processes:
     def stop(self, name: str) -> None:
         for entry in [e for e in self._procs if e[0] == name]:
             self._procs.remove(entry)
-            _stop(entry[1])
+            stop_process(entry[1])
 
     def close(self) -> None:
         while self._procs:
-            _stop(self._procs.pop()[1])
+            stop_process(self._procs.pop()[1])
         if self.etcd is not None:
             self.etcd.close()
             self.etcd = None
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -200,24 +190,9 @@ def revision() -> str:
     return head + (" + uncommitted src changes" if git("status", "--porcelain", "src") else "")
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def scrape(metrics_addr: str) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as response:
         return parse_metric_totals(response.read().decode())
-
-
-def infer_request(model_id: str, features: int) -> bytes:
-    x = np.random.default_rng(0).standard_normal((1, features)).astype(np.float32)
-    req = pb.ModelInferRequest(model_name=model_id)
-    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.tobytes())
-    return req.SerializeToString()
 
 
 def copies(address: str, model_id: str) -> list[tuple[str, int]]:

@@ -14,6 +14,21 @@ from pathlib import Path
 SERVING_RE = re.compile(r"modelmesh serving on (\S+):(\d+) \(metrics on :(\d+)\)")
 
 
+def stop_process(proc: subprocess.Popen[str], timeout_s: float = 20) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``; closes its stdout pipe and
+    returns the exit code. Used by the tests and the benchmarks alike."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.returncode
+
+
 @dataclass
 class PodProcess:
     proc: subprocess.Popen[str]
@@ -43,16 +58,7 @@ class PodProcess:
             self.proc.stdout.close()
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

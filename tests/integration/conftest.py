@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from modelmesh.demo import write_demo_models
+from tests.procs import stop_process
 
 LISTENING_PREFIX = "modelmesh runtime listening on "
 DEMO_FEATURES = 64
@@ -30,16 +31,7 @@ class RuntimeProcess:
 
     def stop(self) -> int:
         """SIGTERM, then SIGKILL if it does not stop in time; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout_s=15)
 
 
 def start_runtime_process(log_dir: Path, *args: str, timeout_s: float = 30) -> RuntimeProcess:

@@ -28,12 +28,6 @@ WAIT_S = 8.0  # bound on waiting for an event (a restart, a reconnect, a lease e
 _prefixes: Iterator[int] = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def etcd_server() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
 @pytest.fixture
 def own_etcd() -> Iterator[EtcdServer]:
     """An etcd for one test, which may stop, restart or freeze it."""

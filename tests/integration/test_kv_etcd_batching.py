@@ -20,12 +20,6 @@ from tests.etcd_server import EtcdServer
 _prefixes: Iterator[int] = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def etcd_server() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
 @pytest.fixture
 def prefix() -> str:
     return f"batch-{next(_prefixes)}/"

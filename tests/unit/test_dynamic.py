@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,16 +12,9 @@ from modelmesh.dynamic import SCALEUP_RPM_THRESHOLD, DynamicConfig, config_key, 
 from modelmesh.kv.base import KVStore
 from modelmesh.kv.etcd import EtcdStore
 from modelmesh.kv.memory import MemoryStore
-from tests.etcd_server import EtcdServer
 
 ROOT = "mm/dyn"
 KEY = config_key(ROOT, SCALEUP_RPM_THRESHOLD)
-
-
-@pytest.fixture(scope="module")
-def etcd_server() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
 
 
 @pytest.fixture(params=["memory", "etcd"])

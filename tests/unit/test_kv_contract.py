@@ -104,12 +104,6 @@ async def grpc_calls_finished() -> None:
             await asyncio.sleep(0)
 
 
-@pytest.fixture(scope="module")
-def etcd_server() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
-        yield server
-
-
 # A factory gets the test's fixture request: the etcd one asks it for the module's etcd server.
 STORE_FACTORIES: dict[
     str, Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[StoreCtx]]
