@@ -763,7 +763,7 @@ class Mesh:
             try:
                 await recorded
             except ModelNotFound:
-                await self._start_unload(model_id, evicted=False)  # unregistered while it loaded
+                await self._start_unload(model_id)  # unregistered while it loaded
                 raise
             except MeshError as err:
                 # the store is down: serve anyway; the copy is recorded when the model is next loaded
@@ -795,7 +795,7 @@ class Mesh:
     async def _unload_after(self, recorded: asyncio.Task[ModelRecord], model_id: str) -> None:
         """Unload once the copy's record write is done, so its removal from the record wins."""
         await asyncio.gather(recorded, return_exceptions=True)
-        await self._unload(model_id, evicted=False)
+        await self._unload(model_id)
 
     async def _predict_size(self, model_id: str, info: ModelInfo, status: RuntimeStatus) -> int:
         try:
@@ -861,7 +861,7 @@ class Mesh:
             self._metrics.model_evicted.inc()
             self._metrics.age_at_eviction.observe(now - evicted.last_used_ms)
             log.info("evicting '%s' (%d bytes) %s", victim, evicted.size_bytes, why)
-            unloads.append(self._start_unload(victim, evicted=True, gone=evicted))
+            unloads.append(self._start_unload(victim, gone=evicted))
         if unloads:
             await asyncio.gather(*unloads, return_exceptions=True)
 
@@ -886,14 +886,14 @@ class Mesh:
             if size > self.capacity_bytes:
                 await self._record_failure(model_id, err.message)
                 self._copies.pop(model_id, None)
-                await self._start_unload(model_id, evicted=False)
+                await self._start_unload(model_id)
                 raise ModelLoadFailed(err.message) from err
             log.warning("over capacity after loading '%s': %s", model_id, err.message)
 
-    def _start_unload(self, model_id: str, *, evicted: bool, gone: LocalCopy | None = None) -> asyncio.Task[None]:
+    def _start_unload(self, model_id: str, *, gone: LocalCopy | None = None) -> asyncio.Task[None]:
         """Unload the model from the runtime, then take the copy out of its record. ``gone``, the
         copy as it was when it left the table, leaves its last use and use count in the record."""
-        task = asyncio.create_task(self._unload(model_id, evicted=evicted, gone=gone), name=f"unload:{model_id}")
+        task = asyncio.create_task(self._unload(model_id, gone=gone), name=f"unload:{model_id}")
         self._unloads[model_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -905,7 +905,7 @@ class Mesh:
         task.add_done_callback(done)
         return task
 
-    async def _unload(self, model_id: str, *, evicted: bool, gone: LocalCopy | None = None) -> None:
+    async def _unload(self, model_id: str, *, gone: LocalCopy | None = None) -> None:
         started = self._clock.monotonic()
         try:
             async for attempt in AsyncRetrying(
@@ -958,7 +958,7 @@ class Mesh:
             await asyncio.gather(task, return_exceptions=True)
         copy = self._copies.pop(model_id, None)
         if copy is not None:
-            await self._start_unload(model_id, evicted=False, gone=copy)
+            await self._start_unload(model_id, gone=copy)
 
     def _on_model_removed(self, model_id: str) -> None:
         self._failures.pop(model_id, None)
