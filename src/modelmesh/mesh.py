@@ -305,7 +305,7 @@ class Mesh:
         if self._failures.get(model_id) and now - self._failures[model_id].time_ms < self._failure_expiry_ms:
             failed[self.instance_id] = self._failures[model_id]
         model = ModelView(
-            model_id, record.info.type, last_used_ms=record.last_used_ms,
+            model_id, record.info.type, last_used_ms=_last_use(record),
             holders=frozenset(record.copies), failed=frozenset(failed),
         )
         decision = choose_load_target(
@@ -1142,6 +1142,13 @@ def _load_ahead_of(metadata: Metadata) -> int | None:
             except ValueError:
                 raise InvalidRequest(f"{LOAD_AHEAD_HEADER} must be a time in ms, got {value!r}") from None
     return None
+
+
+def _last_use(record: ModelRecord) -> int:
+    """The model's last use for placement's load filter, 0 when it has had none: a record keeps its
+    registration time as its last use until then (so proactive loads and eviction see fresh models as
+    recent), but a model nobody has used brings no known traffic to the pod that loads it."""
+    return 0 if record.last_used_ms == record.registered_ms else record.last_used_ms
 
 
 def _backdate(copy: LocalCopy, last_used_ms: int) -> None:

@@ -167,7 +167,7 @@ async def make_cluster(store: MemoryStore, clock: FakeClock) -> AsyncIterator[Ma
         cluster = Cluster(
             store, KEY_ROOT, instance_id, clock=clock, lease_ttl_s=lease_ttl_s,
             figures=figures or Figures(replace(BASE, endpoint=f"{instance_id}:8033")),
-            check_interval_s=check_interval_s,
+            check_interval_s=check_interval_s, campaign_interval_s=check_interval_s,
         )
         made.append(cluster)
         await cluster.start()

@@ -62,7 +62,7 @@ class Pod:
         # traffic history pass a longer TTL).
         self.cluster = Cluster(store, "mm/t", instance_id, clock=clock, lease_ttl_s=lease_ttl_s,
                                figures=lambda: self.mesh.instance_figures(instance_id, (), "", 0),
-                               check_interval_s=0.01)
+                               check_interval_s=0.01, campaign_interval_s=0.01)
 
     async def start(self):
         self.mesh.start(await self.runtime.status())
@@ -143,6 +143,32 @@ async def test_loads_spread_over_the_pods(pods):
     counts = {p.id: len(p.runtime.loaded) for p in pods.values()}
     assert sum(counts.values()) == 30
     assert max(counts.values()) <= 12 and min(counts.values()) >= 8, counts
+
+
+@pytest.mark.parametrize("used", [False, True], ids=["never-used", "used-a-second-ago"])
+async def test_busier_pods_load_models_nobody_has_used_but_not_models_in_use(pods, used):
+    """Among near-equal pods, the load filter keeps a model in use off pods busier than 1.1x the
+    quietest (its traffic comes along); a model nobody has used brings no known traffic, so its
+    loads may go to pods up to 4x as busy (a record's registration time is not a use)."""
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    for i, pod in enumerate((a, b, c) * 8):  # eight models on each pod: every pod near-best
+        await register(a, f"pre{i}")
+        await infer(pod, f"pre{i}", forwarded=True)
+    for busy in (b, c):
+        busy.mesh.requests.hit(50)  # +300 rpm: about 3.5x the quietest (counted as 100 rpm)
+    await until(lambda: all(a.cluster.view.get(p.id).request_rate_rpm >= 300 for p in (b, c))
+                and all(a.cluster.view.get(p.id).model_count >= 7 for p in (a, b, c)),  # moved enough
+                "the pods' records: their models, pod-b's and pod-c's rates")
+    now = a.clock.now_ms()
+    for i in range(3):
+        await a.mesh.register(f"m{i}", ModelInfo("onnx", f"/m/m{i}"), load_now=False, sync=False,
+                              last_used_ms=now - 1000 if used else 0)
+    await asyncio.gather(*(infer(a, f"m{i}") for i in range(3)))
+    holders = {p.id: sorted(m for m in p.runtime.loaded if m.startswith("m")) for p in (a, b, c)}
+    if used:
+        assert holders == {"pod-a": ["m0", "m1", "m2"], "pod-b": [], "pod-c": []}
+    else:  # the pods' own pending loads rotate the three over the three pods
+        assert sorted(len(h) for h in holders.values()) == [1, 1, 1], holders
 
 
 async def test_a_failed_load_moves_on_to_another_pod(pods):
@@ -306,7 +332,7 @@ async def test_a_pinned_model_loads_only_on_pods_with_its_labels():
         labels = ("gpu",) if i == "pod-c" else ()
         pods[i].cluster = Cluster(store, "mm/t", i, clock=clock, lease_ttl_s=30,
                                   figures=lambda i=i, labels=labels: pods[i].mesh.instance_figures(i, labels, "", 0),
-                                  check_interval_s=0.01)
+                                  check_interval_s=0.01, campaign_interval_s=0.01)
     for p in pods.values():
         await p.start()
     try:

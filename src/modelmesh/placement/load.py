@@ -448,7 +448,7 @@ def choose_copy(
        warming up), unless every copy is that new.
     3. When the pods' published request rates are known (``pod_rate_rpm``), the copy on the less
        busy pod of :data:`COPY_CHOICES` copies drawn at random wins (ties: fewer in flight, then
-       instance id). The rates are a minute's count republished every second or so: sending every
+       instance id). The rates are a minute's count republished when they move by 10%: sending every
        request to the quietest pod would herd onto it until its record catches up, while a few
        random candidates steer traffic away from busy pods without herding (power of choices).
        A model with many copies then fills the pods that its other traffic leaves quiet.
