@@ -17,9 +17,10 @@ show exactly one copy, on pod-b. Rounds then alternate, per concurrency:
 With several ``--pod-loop`` values there is a pair of pods per event loop (pod-a-uvloop, ...), each
 pair its own cluster (service name) on the one etcd, all in the same alternating rounds.
 
-The pods run with MM_SCALEUP_RPM_THRESHOLD out of reach, so the copy keeper does not add a copy
-of the (hot) model on pod A, which would remove the hop being measured (`--allow-copies` keeps
-the default and shows that happen).
+The model is pinned to pod B (pod B carries label `holder`, the registration asks for it), so the
+copy keeper cannot add a copy of the (hot) model on pod A, which would remove the hop being
+measured: raising MM_SCALEUP_RPM_THRESHOLD is not enough, a copy also comes for regular use and to
+relieve a pod busier than the mean (`--allow-copies` registers it unpinned and shows that happen).
 
 The client sends one pre-serialized ModelInferRequest with raw gRPC aio (as bench_hop does), so
 the figures show the servers. Afterwards the pods' metrics must show one load in all (on pod B)
@@ -70,7 +71,7 @@ LOADS = "modelmesh_loadmodel_milliseconds_count"
 START_TIMEOUT_S = 60.0
 # issue 4's B1 target for the added p50 at concurrency 1 (B2's target is twice B1's added latency)
 B1_TARGET_P50_MS = 0.2
-NO_SCALEUP_RPM = 1_000_000_000
+HOLDER_LABEL = "holder"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,26 +226,30 @@ def pod_names(loop: str) -> tuple[str, str]:
 def setup(procs: Processes, args: argparse.Namespace) -> dict[str, str]:
     etcd = procs.start_etcd()
     cap = str(1 << 30)
-    # Under sustained load the copy keeper adds a copy of a hot model on the entering pod, which
-    # removes the very hop measured here: the threshold is raised out of reach unless --allow-copies.
-    env = {} if args.allow_copies else {"MM_SCALEUP_RPM_THRESHOLD": str(NO_SCALEUP_RPM)}
     addrs = {}
     for loop in args.pod_loop:
-        # one pair of pods per event loop, each pair its own cluster (service name) on the one etcd
-        pair_env = {**env, "MM_SERVICE_NAME": f"bench-{loop}"}
-        for name in pod_names(loop):
+        # one pair of pods per event loop, each pair its own cluster (service name) on the one etcd;
+        # the holding pod carries the label the model is pinned to
+        pod_a, pod_b = pod_names(loop)
+        for name in (pod_a, pod_b):
+            env = {"MM_SERVICE_NAME": f"bench-{loop}", **({"MM_LABELS": HOLDER_LABEL} if name == pod_b else {})}
             addrs[name], addrs[f"metrics-{name}"] = procs.start_pod(
-                name, "--capacity", cap, "--etcd", etcd, "--instance-id", name, "--event-loop", loop, env=pair_env)
+                name, "--capacity", cap, "--etcd", etcd, "--instance-id", name, "--event-loop", loop, env=env)
     if args.b1:
         addrs["runtime"] = procs.start_runtime("runtime", 1 << 30)
     return addrs
 
 
-def load_on_pod_b(addrs: dict[str, str], model_id: str, path: Path, body: bytes, loop: str = "auto") -> None:
+def load_on_pod_b(addrs: dict[str, str], model_id: str, path: Path, body: bytes, loop: str = "auto",
+                  pin: bool = True) -> None:
     pod_a, pod_b = pod_names(loop)
+    # Under sustained load the copy keeper adds a copy of a hot model on the entering pod, which
+    # removes the very hop measured here: the model is pinned to pod B unless --allow-copies.
+    placement = mpb.PlacementPolicy(requiredLabels=[HOLDER_LABEL]) if pin else None
     with grpc.insecure_channel(addrs[pod_b]) as ch:
         mgrpc.ModelMeshStub(ch).registerModel(mpb.RegisterModelRequest(
-            modelId=model_id, loadNow=False, modelInfo=mpb.ModelInfo(type="onnx", path=str(path))), timeout=30)
+            modelId=model_id, loadNow=False, modelInfo=mpb.ModelInfo(type="onnx", path=str(path)),
+            placement=placement), timeout=30)
         ch.unary_unary(INFER)(body, metadata=[("mm-forwarded", "bench")], timeout=60)
     # pod A's view must know the copy (status reads the store; the routing view follows by watch)
     deadline = time.monotonic() + 10
@@ -292,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-b1", dest="b1", action="store_false",
                         help="skip the bare-runtime rounds (B1's figure for context)")
     parser.add_argument("--allow-copies", action="store_true",
-                        help="leave MM_SCALEUP_RPM_THRESHOLD at its default: the pods may then add a copy "
-                             "on pod A under load, and the run is reported invalid")
+                        help="register the model unpinned: the pods may then add a copy on pod A under "
+                             "load, and the run is reported invalid")
     parser.add_argument("--pod-loop", nargs="+", choices=POD_LOOPS, default=["auto"],
                         help="event loop(s) of the pods; with several, one pair of pods per loop (each its "
                              "own service name), all measured in the same alternating rounds")
@@ -313,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rgrpc.ModelRuntimeStub(ch).loadModel(rpb.LoadModelRequest(
                     modelId=model_id, modelType="onnx", modelPath=str(path)), timeout=60)
         for loop in loops:
-            load_on_pod_b(addrs, model_id, path, body, loop)
+            load_on_pod_b(addrs, model_id, path, body, loop, pin=not args.allow_copies)
         pods = [name for loop in loops for name in pod_names(loop)]
         before = {p: scrape(addrs[f"metrics-{p}"]).get(LOADS, 0.0) for p in pods}
         targets = (["runtime"] if args.b1 else []) + [name for loop in loops for name in reversed(pod_names(loop))]
@@ -337,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b1 = {loop: [summarize(results, "runtime", pod_names(loop)[1], c) for c in args.concurrency]
           for loop in loops} if args.b1 else {}
     print(f"\n{machine()}; {args.duration:.0f} s x {args.rounds} rounds per target; "
-          f"{'' if args.allow_copies else f'MM_SCALEUP_RPM_THRESHOLD={NO_SCALEUP_RPM} (no traffic copies); '}"
+          f"{'' if args.allow_copies else f'model pinned to label {HOLDER_LABEL!r} on pod B (no copies); '}"
           f"loadavg {load_before} before, {load_after} after")
     during = {p: after[p] - before[p] for p in pods}
     print(f"check: loads {after} (during rounds: {during}); copies {final_copies}; "
