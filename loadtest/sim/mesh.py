@@ -26,7 +26,13 @@ latency. Choices the mesh has not made yet, made here as stated:
   ``eviction="record"`` (the default, the rule the mesh is to follow) its own requests of the last
   minute, plus what the model's record carries (``eviction.carried_use``) from the copy evicted
   last: the pod that removes a copy writes the copy's recent uses (``RateWindow.recent_uses``)
-  and the time into the record in the same write; ``"copy"``, its own requests only (what a pod
+  and the time into the record in the same write; and, on a pod whose counts fit their long-term
+  rates (``eviction.PopularityFit``, updated every rate period from each copy's count against the
+  long-term rate predicted at the period's start: ``eviction.fit_term``), the copy's long-term use
+  (``eviction.long_use_rpm`` of a count decayed over 10 minutes, ``eviction.decayed_count``,
+  counted at every request and carried by the record the same way) through ``eviction.steady_use``,
+  with the steady (linear) credit; the models' counts start with the trace (their registration);
+  ``"minute"``, the same without the long-term use (the rule before); ``"copy"``, its own requests only (what a pod
   counts alone, the rule before); ``"model"``, its share of its model's requests of the last minute
   anywhere, before its last eviction too (a continuously summed count per model: the bound of
   what a record could carry); ``"lru"``, nothing (plain least recently used, no size weighing);
@@ -43,6 +49,7 @@ victims as the whole cache (``check_evictions=True`` verifies that on every evic
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections import deque
@@ -61,7 +68,20 @@ from modelmesh.placement.copies import (
     copy_targets,
     project_traffic,
 )
-from modelmesh.placement.eviction import CachedModel, carried_use, choose_evictions, churn_guard, eviction_score
+from modelmesh.placement.eviction import (
+    LONG_USE_TAU_MS,
+    CachedModel,
+    PopularityFit,
+    carried_use,
+    choose_evictions,
+    churn_guard,
+    decayed_count,
+    eviction_score,
+    fit_term,
+    fits_the_test,
+    long_use_rpm,
+    steady_use,
+)
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
 from modelmesh.placement.view import ClusterView, CopyView, InstanceView, ModelView, PendingLoad
 from modelmesh.rates import RateMeter
@@ -69,13 +89,16 @@ from modelmesh.rates import RateMeter
 __all__ = ["EVICTION_INPUTS", "MeshSim", "run_mesh"]
 
 # what a copy's eviction credit counts (see the module docstring): "record", its own requests of
-# the last minute plus what the model's record carries from its last evicted copy; "copy", its own
+# the last minute plus what the model's record carries from its last evicted copy, and its
+# long-term use on a steady pod; "minute", the same without the long-term use; "copy", its own
 # requests only; "model", its share of its model's requests of the last minute anywhere; "lru":
 # nothing, plain least recently used
-EVICTION_INPUTS = ("copy", "model", "record", "lru")
+EVICTION_INPUTS = ("copy", "model", "record", "minute", "lru")
 
-# a copy's state: [last used ms, eviction credit, loaded since ms, request rate rpm]
-_LAST, _CREDIT, _SINCE, _RPM = 0, 1, 2, 3
+# a copy's state: [last used ms, eviction credit, loaded since ms, request rate rpm (the use its
+# credit is for), long-term count, when it was counted, long-term rpm predicted at the last rate
+# period (-1: none yet)]
+_LAST, _CREDIT, _SINCE, _RPM, _LONG, _LONG_MS, _PREDICTED = 0, 1, 2, 3, 4, 5, 6
 # a pod's published request rate counts the last minute
 _RATE_SPAN_MS = 60_000
 # pods tried for one request before it is refused (mesh.MAX_ROUTE_ATTEMPTS)
@@ -104,7 +127,9 @@ class MeshSim:
         self.n_models = len(sizes)
         self.sizes = sizes
         self.capacity = capacity
-        self.eviction = eviction
+        # "record" and "minute" both carry the minute's use in the record
+        self.eviction = "record" if eviction == "minute" else eviction
+        self.long_term = eviction == "record"
         self.weighted = eviction != "lru"
         self.check_evictions = check_evictions
         # eviction weighs use per byte against this size (the mesh: its typical predicted size)
@@ -155,6 +180,15 @@ class MeshSim:
         # and the copies still carrying some of it
         self.record_use: dict[int, tuple[float, int]] = {}
         self.carrying: set[int] = set()
+        # long-term use: each model's record (count, when counted), each pod's fit and whether it
+        # is steady, and when the models' counts started (their registration: the trace's start)
+        self.record_long: dict[int, tuple[float, int]] = {}
+        self.fits = [PopularityFit() for _ in range(pods)]
+        self.steady = [False] * pods
+        self.since_ms = 0
+        # rate periods, and pods steady at each (for reports and tests)
+        self.periods = 0
+        self.steady_pod_periods = 0
         self.watched = -1
         self.evictions = 0
 
@@ -173,6 +207,9 @@ class MeshSim:
         # the pods start with the trace: their rate meters count from its first request
         self.clock.ms = times[0] if times else 0
         self.meters = [RateMeter(self.clock) for _ in range(pods)]
+        self.since_ms = times[0] if times else 0
+        long_term = self.long_term
+        exp = math.exp
         service = cfg.service_ms
         in_flight = self.in_flight
         resident = self.resident
@@ -205,6 +242,10 @@ class MeshSim:
             # serve on p
             st = resident[p][m]
             st[_LAST] = t
+            if long_term:
+                # eviction.decayed_count(count, counted_ms, t) + 1, inline (every request)
+                st[_LONG] = st[_LONG] * exp((st[_LONG_MS] - t) / LONG_USE_TAU_MS) + 1.0
+                st[_LONG_MS] = t
             heapq.heappush(self.heaps[p], (t + st[_CREDIT], self.mids[m], m))
             key = p * self.n_models + m
             self.period_hits[key] = self.period_hits.get(key, 0) + 1
@@ -296,8 +337,13 @@ class MeshSim:
             if carried > 0:
                 self.carrying.add(p * self.n_models + m)
                 rpm += carried
-        credit = self._credit(rpm, m)
-        self.resident[p][m] = [t, credit, t, rpm]
+        long = 0.0
+        if self.long_term and m in self.record_long:
+            long = decayed_count(*self.record_long[m], t)
+            if self.steady[p]:
+                rpm = steady_use(rpm, long_use_rpm(long, t, t, self.since_ms))
+        credit = self._credit(rpm, m, p)
+        self.resident[p][m] = [t, credit, t, rpm, long, t, -1.0]
         key = p * self.n_models + m
         if key in self.period_hits:
             self.hits_before_load[key] = self.period_hits[key]
@@ -329,7 +375,8 @@ class MeshSim:
             seen.add(x)
             popped.append(entry)
             busy = self.in_flight_copy.get(p * self.n_models + x, 0) > 0
-            head.append(CachedModel(mid, self.sizes[x], int(st[_LAST]), busy, st[_RPM] if self.weighted else 0.0))
+            head.append(CachedModel(mid, self.sizes[x], int(st[_LAST]), busy, st[_RPM] if self.weighted else 0.0,
+                                    steady=self.steady[p]))
             if not busy:
                 idle_bytes += self.sizes[x]
         rest = self.used[p] - sum(c.size_bytes for c in head)
@@ -352,15 +399,16 @@ class MeshSim:
         return [
             CachedModel(self.mids[x], self.sizes[x], int(st[_LAST]),
                         self.in_flight_copy.get(p * self.n_models + x, 0) > 0,
-                        st[_RPM] if self.weighted else 0.0)
+                        st[_RPM] if self.weighted else 0.0, steady=self.steady[p])
             for x, st in self.resident[p].items()
         ]
 
-    def _credit(self, rpm: float, m: int = 0) -> float:
-        """What ``eviction_score`` adds to a last use for this rate (0 with plain LRU)."""
+    def _credit(self, rpm: float, m: int, p: int) -> float:
+        """What ``eviction_score`` adds to a last use for this rate on pod ``p`` (0 with plain LRU)."""
         if not self.weighted or rpm <= 0:
             return 0.0
-        return eviction_score(CachedModel("", self.sizes[m], 0, request_rate_rpm=rpm), self.typical)
+        entry = CachedModel("", self.sizes[m], 0, request_rate_rpm=rpm, steady=self.steady[p])
+        return eviction_score(entry, self.typical)
 
     def _own_hits(self, key: int) -> int:
         return self.period_hits.get(key, 0) - self.hits_before_load.get(key, 0)
@@ -378,6 +426,9 @@ class MeshSim:
                 count += carried_use(*self.record_use[m], now)
                 self.carrying.discard(key)
             self.record_use[m] = (count, now)
+        if self.long_term:
+            st = self.resident[p][m]
+            self.record_long[m] = (decayed_count(st[_LONG], int(st[_LONG_MS]), self.clock.ms), self.clock.ms)
         del self.resident[p][m]
         self.rated.discard(p * self.n_models + m)
         self.used[p] -= self.sizes[m]
@@ -434,6 +485,7 @@ class MeshSim:
                 self.copy_windows[key] = self.copy_windows.get(key, RateWindow()).add(last_ms, own)
             m = key % n
             model_hits[m] = model_hits.get(m, 0) + hits
+        period_own = {key: hits - self.hits_before_load.get(key, 0) for key, hits in self.period_hits.items()}
         self.period_hits.clear()
         self.hits_before_load.clear()
         for m, hits in model_hits.items():
@@ -478,6 +530,8 @@ class MeshSim:
                     used[key] = used.get(key, 0.0) + carried
         else:
             used = copy_used
+        if self.long_term:
+            used = self._long_term_uses(now, used, period_own)
         for key in self.rated - used.keys():
             p, m = divmod(key, n)
             st = self.resident[p].get(m)
@@ -488,7 +542,7 @@ class MeshSim:
             p, m = divmod(key, n)
             st = self.resident[p][m]
             st[_RPM] = count
-            st[_CREDIT] = self._credit(count, m)
+            st[_CREDIT] = self._credit(count, m, p)
         self.rated = set(used)
         # the credits moved: rebuild each pod's eviction order
         for p, res in enumerate(self.resident):
@@ -496,6 +550,32 @@ class MeshSim:
             heapq.heapify(heap)
             self.heaps[p] = heap
         self._copy_rules(now, model_rpm)
+
+    def _long_term_uses(self, now: int, used: dict[int, float], period_own: dict[int, int]) -> dict[int, float]:
+        """Each pod's fit after the period that ends at ``now`` (each copy's count in it against the
+        long-term rate predicted at its start), then each copy's use: on a steady pod
+        ``steady_use`` of its minute's use (``used``) and its long-term rate, else the minute's."""
+        n = self.n_models
+        out: dict[int, float] = {}
+        since = self.since_ms
+        for p, res in enumerate(self.resident):
+            base = p * n
+            terms, counted = 0.0, 0
+            for x, st in res.items():
+                if fits_the_test(len(self.holders[x]), st[_PREDICTED]):
+                    terms += fit_term(period_own.get(base + x, 0), st[_PREDICTED], RATE_PERIOD_MS)
+                    counted += 1
+            fit = self.fits[p] = self.fits[p].add(terms, counted)
+            steady = self.steady[p] = fit.steady
+            self.steady_pod_periods += steady
+            for x, st in res.items():
+                minute = used.get(base + x, 0.0)
+                long = st[_PREDICTED] = long_use_rpm(st[_LONG], int(st[_LONG_MS]), now, since)
+                use = steady_use(minute, long) if steady else minute
+                if use > 0:
+                    out[base + x] = use
+        self.periods += 1
+        return out
 
     def _copy_rules(self, now: int, model_rpm: dict[int, float]) -> None:
         cfg = self.cfg

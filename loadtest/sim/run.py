@@ -23,6 +23,10 @@ def _mesh_model_use(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: in
     return run_mesh(cfg, trace, sizes, capacity, tally, eviction="model", name="mesh, model-level use")
 
 
+def _mesh_minute_use(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: int, tally: Tally) -> PolicyResult:
+    return run_mesh(cfg, trace, sizes, capacity, tally, eviction="minute", name="mesh, minute's use only")
+
+
 def _mesh_copy_use(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: int, tally: Tally) -> PolicyResult:
     return run_mesh(cfg, trace, sizes, capacity, tally, eviction="copy", name="mesh, copy's own use")
 
@@ -34,6 +38,7 @@ def _mesh_lru(cfg: SimConfig, trace: Trace, sizes: list[int], capacity: int, tal
 # slowest first, so that with two processes the mesh runs beside the others
 POLICIES: dict[str, Runner] = {
     "mesh": run_mesh,
+    "mesh-minute": _mesh_minute_use,
     "mesh-model": _mesh_model_use,
     "mesh-copy": _mesh_copy_use,
     "mesh-lru": _mesh_lru,

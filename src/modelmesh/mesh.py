@@ -40,7 +40,16 @@ from modelmesh.errors import (
 )
 from modelmesh.metrics import MeshMetrics
 from modelmesh.placement.copies import RateWindow, UseHistory, choose_new_copy_pods
-from modelmesh.placement.eviction import CachedModel, carried_use, choose_evictions, churn_guard
+from modelmesh.placement.eviction import (
+    CachedModel,
+    PopularityFit,
+    carried_use,
+    choose_evictions,
+    churn_guard,
+    decayed_count,
+    long_use_rpm,
+    steady_use,
+)
 from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
 from modelmesh.placement.proactive import PROACTIVE_MAX_LOADS, plan_proactive_loads
 from modelmesh.placement.view import (
@@ -110,6 +119,12 @@ class LocalCopy:
     requests: int = 0
     rate: RateWindow = RateWindow()
     history: UseHistory = UseHistory()
+    # long-term use (placement.eviction.decayed_count): requests decayed over 10 minutes as of
+    # long_use_ms, starting from what the model's record carried when this copy loaded; and the
+    # long-term rate predicted for the current rate period (-1: none yet), for the pod's fit
+    long_use: float = 0.0
+    long_use_ms: int = 0
+    predicted_rpm: float = -1.0
 
 
 def validate_model_id(model_id: str) -> None:
@@ -151,6 +166,9 @@ class Mesh:
         # loads sent to other pods that their records may not show yet: (load, record revision then)
         self._pending: dict[str, list[tuple[PendingLoad, int]]] = {}
         self.requests = RateMeter(clock)
+        # whether this pod's copies' counts fit their long-term rates (the copy keeper updates it
+        # every rate period): while they do, eviction ranks by long-term use
+        self.popularity = PopularityFit()
         # ids recently looked up in the store and not found there (see _read_through)
         self._unknown: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=1.0, timer=clock.monotonic)
         self._copies: dict[str, LocalCopy] = {}
@@ -736,6 +754,10 @@ class Mesh:
         now = self._clock.now_ms()
         predicted = await self._predict_size(model_id, info, status)
         copy = LocalCopy(model_id, CopyState.LOADING, predicted, now, now)
+        record = self._registry.cached(model_id)
+        if record is not None and record.long_use > 0:
+            # the model's long-term use goes on from where its last copy left it
+            copy.long_use, copy.long_use_ms = decayed_count(record.long_use, record.long_use_ms, now), now
         self._copies[model_id] = copy
         try:
             await self._make_room(model_id, predicted)
@@ -836,13 +858,18 @@ class Mesh:
         # loop. Such a copy counts as busy for a short grace.
         fresh = c.requests == 0 and c.state is CopyState.LOADED and now - c.state_ms < FRESH_COPY_GRACE_MS \
             and c.rate.idle(now)
+        # eviction weighs the plain count of the last minute (one request is one), plus what the
+        # record still carries of the model's use when its last copy went; on a pod whose counts
+        # fit their long-term rates, the long-term rate unless the minute says the traffic moved
+        uses = c.rate.minute_rpm(now) + (_carried(record, c, now) if record is not None else 0.0)
+        steady = self.popularity.steady and record is not None
+        if steady:
+            assert record is not None
+            uses = steady_use(uses, long_use_rpm(c.long_use, c.long_use_ms, now, record.registered_ms))
         return CachedModel(
             c.model_id, c.size_bytes, c.last_used_ms,
             busy=c.state is CopyState.LOADING or c.in_flight > 0 or fresh,
-            # eviction weighs the plain count of the last minute (one request is one), plus what
-            # the record still carries of the model's use when its last copy went
-            request_rate_rpm=c.rate.minute_rpm(now) + (_carried(record, c, now) if record is not None else 0.0),
-            min_copies_pinned=pinned,
+            request_rate_rpm=uses, min_copies_pinned=pinned, steady=steady,
         )
 
     def _live_copy_count(self, record: ModelRecord) -> int:
@@ -1189,6 +1216,8 @@ def _without_copy(record: ModelRecord, instance_id: str, gone: LocalCopy | None 
         record.last_used_ms = max(record.last_used_ms, gone.last_used_ms)
         uses = gone.rate.recent_uses(now_ms) + gone.requests + _carried(record, gone, now_ms)
         record.use_count, record.use_count_ms = uses, now_ms
+        record.long_use = decayed_count(gone.long_use, gone.long_use_ms, now_ms) + gone.requests
+        record.long_use_ms = now_ms
     return record
 
 

@@ -34,6 +34,7 @@ from modelmesh.placement.copies import (
     choose_copies_to_remove,
     copy_targets,
 )
+from modelmesh.placement.eviction import decayed_count, fit_term, fits_the_test, long_use_rpm
 from modelmesh.placement.proactive import PROACTIVE_PERIOD_MS
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,33 @@ class CopyKeeper:
                 log.exception("copy keeping failed; trying again next period")
 
     def fold(self, now_ms: int) -> None:
-        """Move each copy's request count into its rate window (as the period just ended)."""
+        """Move each copy's request count into its rate window and long-term use (as the period
+        just ended), and update the pod's popularity fit: each single copy's count against the
+        long-term rate predicted at the period's start (``placement.eviction.PopularityFit``)."""
+        mesh = self._mesh
         ended = now_ms - now_ms % self._period_ms - 1
-        for copy in self._mesh.loaded_copies():
+        terms, counted = 0.0, 0
+        for copy in mesh.loaded_copies():
             n, copy.requests = copy.requests, 0
             if n:
                 copy.rate = copy.rate.add(ended, n)
                 copy.history = copy.history.record(ended)
             copy.rate = copy.rate.advanced(now_ms)
+            copy.long_use = decayed_count(copy.long_use, copy.long_use_ms, ended) + n
+            copy.long_use_ms = ended
+            record = mesh.record(copy.model_id)
+            if record is None:
+                continue
+            if fits_the_test(len(mesh.live_holders(record)), copy.predicted_rpm):
+                terms += fit_term(n, copy.predicted_rpm, self._period_ms)
+                counted += 1
+            copy.predicted_rpm = long_use_rpm(copy.long_use, copy.long_use_ms, now_ms, record.registered_ms)
+        was = mesh.popularity.steady
+        mesh.popularity = mesh.popularity.add(terms, counted)
+        if mesh.popularity.steady != was:
+            log.info("popularity %s (chi-square %.2f per copy): eviction ranks by %s",
+                     "steady" if mesh.popularity.steady else "moving", mesh.popularity.chi2,
+                     "long-term use" if mesh.popularity.steady else "the last minute's use")
 
     async def tick(self) -> None:
         mesh = self._mesh

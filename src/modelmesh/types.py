@@ -74,6 +74,10 @@ class ModelRecord:
     # (placement.eviction.carried_use gives a new copy what is left of it)
     use_count: float = 0.0
     use_count_ms: int = 0
+    # the model's long-term use when its last copy went: requests decayed over
+    # placement.eviction.LONG_USE_TAU_MS, as of long_use_ms (the next copy counts on from it)
+    long_use: float = 0.0
+    long_use_ms: int = 0
 
     def to_json(self) -> bytes:
         # Written out rather than through dataclasses.asdict, which deep-copies every field: 8 us
@@ -92,6 +96,8 @@ class ModelRecord:
             "pin_labels": list(self.pin_labels),
             "use_count": self.use_count,
             "use_count_ms": self.use_count_ms,
+            "long_use": self.long_use,
+            "long_use_ms": self.long_use_ms,
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -110,6 +116,8 @@ class ModelRecord:
             pin_labels=tuple(d.get("pin_labels", ())),
             use_count=d.get("use_count", 0.0),
             use_count_ms=d.get("use_count_ms", 0),
+            long_use=d.get("long_use", 0.0),
+            long_use_ms=d.get("long_use_ms", 0),
         )
 
 

@@ -343,3 +343,62 @@ async def test_a_fresh_copy_is_not_evicted_before_its_waiting_requests_run(parts
     await asyncio.sleep(0.01)
     assert runtime.load_calls.count("new") == 1
     assert "new" in runtime.loaded
+
+
+async def test_a_pod_whose_counts_hold_steady_ranks_its_copies_by_long_term_use(parts):
+    """The copy keeper's fold feeds each copy's count into its long-term use and the pod's
+    popularity fit; once the counts fit their long-term rates, eviction sees each copy's long-term
+    rate (with the linear credit), except a copy whose last minute says its traffic moved."""
+    from modelmesh.placement.eviction import long_use_rpm
+    from modelmesh.scaling import CopyKeeper
+
+    mesh, runtime, clock, _ = parts
+    keeper = CopyKeeper(mesh, clock, threshold_rpm=lambda: 1e9)
+    per_period = {f"m{i}": 2 + i % 4 for i in range(8)}  # 12 to 30 requests a minute each
+    for mid in per_period:
+        await register(mesh, mid)
+    for _ in range(40):
+        for mid, n in per_period.items():
+            for _ in range(n):
+                await infer(mesh, mid)
+        clock.advance(10)
+        keeper.fold(clock.now_ms())
+        if mesh.popularity.chi2 < 0.5:
+            break
+    assert mesh.popularity.steady
+    now = clock.now_ms()
+    copy = mesh._copies["m3"]  # 5 a period: 30 a minute
+    long_rpm = long_use_rpm(copy.long_use, copy.long_use_ms, now, mesh.record("m3").registered_ms)
+    assert long_rpm == pytest.approx(30, rel=0.15)
+    cached = mesh._cached(copy)
+    assert cached.steady and cached.request_rate_rpm == pytest.approx(long_rpm)
+
+    for _ in range(100):  # a burst: the minute's count is far from the long-term rate
+        await infer(mesh, "m3")
+    for mid, n in per_period.items():
+        for _ in range(n if mid != "m3" else 0):
+            await infer(mesh, mid)
+    clock.advance(10)
+    keeper.fold(clock.now_ms())
+    assert mesh.popularity.steady  # one model's burst does not decide for the pod
+    cached = mesh._cached(copy)
+    assert cached.steady and cached.request_rate_rpm == copy.rate.minute_rpm(clock.now_ms()) > 100
+
+
+async def test_a_pod_whose_counts_move_keeps_the_minute_rule(parts):
+    from modelmesh.scaling import CopyKeeper
+
+    mesh, runtime, clock, _ = parts
+    keeper = CopyKeeper(mesh, clock, threshold_rpm=lambda: 1e9)
+    for i in range(4):
+        await register(mesh, f"m{i}")
+    for period in range(40):  # 30 a minute on average, but 0 and 10 in turn: not Poisson noise
+        for i in range(4):
+            for _ in range(10 if (period + i) % 2 else 0):
+                await infer(mesh, f"m{i}")
+        clock.advance(10)
+        keeper.fold(clock.now_ms())
+        assert not mesh.popularity.steady, period
+    copy = mesh._copies["m0"]
+    cached = mesh._cached(copy)
+    assert not cached.steady and cached.request_rate_rpm == copy.rate.minute_rpm(clock.now_ms())

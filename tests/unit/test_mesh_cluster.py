@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from modelmesh.cluster import Cluster
 from modelmesh.errors import MeshError, ModelLoadFailed, RuntimeUnavailable, UpstreamError
 from modelmesh.kv.memory import MemoryStore
 from modelmesh.mesh import Mesh
+from modelmesh.placement.eviction import LONG_USE_TAU_MS
 from modelmesh.metrics import MeshMetrics
 from modelmesh.registry import Registry
 from modelmesh.routing import RouteTarget, resolve_target
@@ -524,11 +526,14 @@ async def test_an_evicted_copy_leaves_its_use_in_the_record_and_the_next_copy_st
     await until(lambda: "pod-a" not in a.registry.cached("m").copies, "the copy to leave the record")
     record = a.registry.cached("m")
     assert record.use_count == 12 and record.use_count_ms == a.clock.now_ms()
-    # loaded again 15 s later: three quarters of the minute's use is still carried
+    assert record.long_use == 12 and record.long_use_ms == a.clock.now_ms()
+    # loaded again 15 s later: three quarters of the minute's use is still carried, and the
+    # long-term use goes on from the record's, decayed over the 15 s
     a.clock.advance(15)
     await infer(a, "m", forwarded=True)
     copy = a.mesh._copies["m"]
     assert a.mesh._cached(copy).request_rate_rpm == pytest.approx(12 * 0.75)
+    assert copy.long_use == pytest.approx(12 * math.exp(-15_000 / LONG_USE_TAU_MS))
 
 
 async def test_a_malformed_load_ahead_header_is_invalid_argument_not_a_crash(pods):

@@ -24,6 +24,8 @@ records = st.builds(
     pin_labels=st.lists(text, max_size=3).map(tuple),
     use_count=st.floats(0, 1e6, allow_nan=False),
     use_count_ms=ms,
+    long_use=st.floats(0, 1e6, allow_nan=False),
+    long_use_ms=ms,
 )
 
 
@@ -42,3 +44,4 @@ def test_a_record_written_before_use_counts_reads_with_none():
     old = b'{"info":{"type":"onnx","path":"/m","key":""},"registered_ms":5,"copies":{"pod-a":7}}'
     record = ModelRecord.from_json(old)
     assert (record.use_count, record.use_count_ms, record.copies) == (0.0, 0, {"pod-a": 7})
+    assert (record.long_use, record.long_use_ms) == (0.0, 0)

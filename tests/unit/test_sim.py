@@ -156,3 +156,27 @@ def test_cli_prints_the_table(capsys):
         assert row in out
     assert main(["--policies", "nope", "--jobs", "1", "--pods", "2", "--models", "10", "--duration-s", "2",
                  "--warmup-s", "1"]) == 2
+
+
+def _steady_run(trace, eviction):
+    cfg = SimConfig(pods=4, models=2000, rate=200, duration_s=240, warmup_s=120, trace=trace, shift_models=200)
+    t = make_trace(cfg)
+    sizes = cfg.model_sizes()
+    tally = Tally(cfg.pods, cfg.measure_from_ms, int(t.times_ms[-1]), t.watched_from_ms, 2)
+    sim = MeshSim(cfg, sizes.tolist(), cfg.pod_capacity(sizes), eviction=eviction)
+    sim.run(t, tally)
+    return sim, tally.result(eviction, 0.0)
+
+
+def test_pods_trust_long_term_counts_when_popularity_holds_still_and_only_then():
+    # Zipf: the counts fit their long-term rates within a couple of minutes, the pods turn steady
+    # and hit more than with the minute's counts alone
+    sim, steady = _steady_run("zipf", "record")
+    assert sim.steady_pod_periods > 0.2 * sim.periods * 4
+    _, minute = _steady_run("zipf", "minute")
+    assert steady.hit_ratio > minute.hit_ratio
+    # a hot set that moves every 30 s: never steady, so the rule is the minute's
+    sim, shifting = _steady_run("shift", "record")
+    assert sim.steady_pod_periods == 0
+    _, minute = _steady_run("shift", "minute")
+    assert shifting.hit_ratio == minute.hit_ratio
