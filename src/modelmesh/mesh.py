@@ -15,14 +15,17 @@ until the failure expires, and the next request after that tries again.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cachetools import TTLCache
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from modelmesh import __version__
 from modelmesh.clock import Clock
@@ -38,30 +41,34 @@ from modelmesh.errors import (
     Unavailable,
     UpstreamError,
 )
+from modelmesh.localcopy import (
+    CopyState,
+    LocalCopy,
+    backdate,
+    carried,
+    last_use,
+    policy_of,
+    with_copy,
+    with_failure,
+    without_copies,
+    without_copy,
+)
 from modelmesh.metrics import MeshMetrics
-from modelmesh.placement.copies import RateWindow, UseHistory, choose_new_copy_pods
+from modelmesh.peers import Peers
+from modelmesh.placement.copies import choose_new_copy_pods
 from modelmesh.placement.eviction import (
     CachedModel,
     PopularityFit,
-    carried_use,
     choose_evictions,
     churn_guard,
     decayed_count,
     long_use_rpm,
     steady_use,
 )
-from modelmesh.placement.load import choose_copy, choose_load_target, project_pending
+from modelmesh.placement.load import choose_copy, choose_load_target
 from modelmesh.placement.proactive import PROACTIVE_MAX_LOADS, plan_proactive_loads
-from modelmesh.placement.view import (
-    ClusterView,
-    CopyView,
-    InstanceView,
-    LabelConstraint,
-    ModelView,
-    PendingLoad,
-    TypeConstraints,
-)
-from modelmesh.peers import Peers
+from modelmesh.placement.view import CopyView, ModelView, TypeConstraints
+from modelmesh.podviews import PodViews
 from modelmesh.rates import RateMeter
 from modelmesh.registry import Registry
 from modelmesh.routing import (
@@ -93,38 +100,8 @@ MAX_MIN_COPIES = 1000
 FRESH_COPY_GRACE_MS = 5_000
 # pods tried for one request before giving up (a copy or placement, then others after failures)
 MAX_ROUTE_ATTEMPTS = 3
-# a load sent to another pod counts against it in placement until it republishes, or this long
-PENDING_TTL_MS = 30_000
 # gRPC codes from a peer that mean "try another pod": unreachable, its load failed, no room there
 _RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
-
-
-class CopyState(enum.Enum):
-    LOADING = "loading"
-    LOADED = "loaded"
-
-
-@dataclass(slots=True, eq=False)
-class LocalCopy:
-    """A model in this pod's runtime (or on its way there)."""
-
-    model_id: str
-    state: CopyState
-    # predicted size while loading, measured size once loaded
-    size_bytes: int
-    last_used_ms: int
-    state_ms: int
-    in_flight: int = 0
-    # requests since the copy keeper last folded them into ``rate`` and ``history``
-    requests: int = 0
-    rate: RateWindow = RateWindow()
-    history: UseHistory = UseHistory()
-    # long-term use (placement.eviction.decayed_count): requests decayed over 10 minutes as of
-    # long_use_ms, starting from what the model's record carried when this copy loaded; and the
-    # long-term rate predicted for the current rate period (-1: none yet), for the pod's fit
-    long_use: float = 0.0
-    long_use_ms: int = 0
-    predicted_rpm: float = -1.0
 
 
 def validate_model_id(model_id: str) -> None:
@@ -157,15 +134,18 @@ class Mesh:
         self._metrics = metrics
         self._clock = clock
         self._failure_expiry_ms = load_failure_expiry_ms
-        self._constraints = constraints or TypeConstraints()
         self._rng = rng or random.Random()
         # refuse loads that would evict a model used this recently (0: off); see settings
         self._churn_guard_ms = churn_guard_ms
         self.cluster: Cluster | None = None
         self._peers = Peers(peer_factory, this_instance=instance_id)
-        # loads sent to other pods that their records may not show yet: (load, record revision then)
-        self._pending: dict[str, list[tuple[PendingLoad, int]]] = {}
         self.requests = RateMeter(clock)
+        # every pod as placement sees it from here (the published records plus our pending loads)
+        self.pods = PodViews(
+            instance_id=instance_id, clock=clock, constraints=constraints or TypeConstraints(),
+            own_rate_rpm=self.requests.rpm, own_used_bytes=self.used_bytes,
+            own_capacity_bytes=lambda: self.capacity_bytes, default_size=self._default_size,
+        )
         # whether this pod's copies' counts fit their long-term rates (the copy keeper updates it
         # every rate period): while they do, eviction ranks by long-term use
         self.popularity = PopularityFit()
@@ -204,6 +184,7 @@ class Mesh:
     def attach(self, cluster: Cluster) -> None:
         """Join the cluster view: route to peers, sweep the copies of pods that leave."""
         self.cluster = cluster
+        self.pods.cluster = cluster
         cluster.view.on_removed.append(self._on_instance_removed)
 
     async def close(self) -> None:
@@ -315,7 +296,7 @@ class Mesh:
         now = self._clock.now_ms()
         live = [i for i in record.copies if i not in excluded and self.cluster.is_live(i)]
         if live:
-            copies = [CopyView(i, self._peers.in_flight(i), record.copies[i], pod_rate_rpm=self.pod_rate(i))
+            copies = [CopyView(i, self._peers.in_flight(i), record.copies[i], pod_rate_rpm=self.pods.pod_rate(i))
                       for i in live]
             return choose_copy(copies, local_instance=self.instance_id, prefer_local=prefer_local,
                                now_ms=now, rng=self._rng)
@@ -323,11 +304,11 @@ class Mesh:
         if self._failures.get(model_id) and now - self._failures[model_id].time_ms < self._failure_expiry_ms:
             failed[self.instance_id] = self._failures[model_id]
         model = ModelView(
-            model_id, record.info.type, last_used_ms=_last_use(record),
+            model_id, record.info.type, last_used_ms=last_use(record),
             holders=frozenset(record.copies), failed=frozenset(failed),
         )
         decision = choose_load_target(
-            project_pending(self._cluster_view(record), self._pending_loads()), model,
+            self.pods.placement_view(record), model,
             now_ms=now, rng=self._rng, exclude=frozenset(excluded),
         )
         if decision.instance_id is None:
@@ -337,20 +318,12 @@ class Mesh:
                 reasons = "; ".join(sorted({f.message for f in failed.values()}))
                 raise ModelLoadFailed(f"model '{model_id}' failed to load: {reasons}")
             raise CapacityExhausted(f"no pod can load '{model_id}': {decision.reason}")
-        self._add_pending(decision.instance_id, model_id, now)
+        self.pods.add_pending(decision.instance_id, model_id, now)
         return decision.instance_id
 
     def _recent_failures(self, record: ModelRecord, now: int) -> dict[str, LoadFailure]:
         """The record's load failures that have not expired, by instance."""
         return {i: f for i, f in record.failures.items() if now - f.time_ms < self._failure_expiry_ms}
-
-    def _add_pending(self, instance_id: str, model_id: str, now: int) -> None:
-        """Count a load sent to ``instance_id`` (this pod included) against it until its record is
-        republished: every pod is judged by its published record plus what we sent it since, alike."""
-        assert self.cluster is not None
-        revision = self.cluster.view.versioned(instance_id)
-        self._pending.setdefault(instance_id, []).append(
-            (PendingLoad(model_id, self._default_size(), now), revision.revision if revision else 0))
 
     async def _forward(
         self, instance_id: str, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
@@ -372,37 +345,6 @@ class Mesh:
     def records(self) -> list[tuple[str, ModelRecord]]:
         return list(self._registry.items())
 
-    def live_holders(self, record: ModelRecord) -> list[str]:
-        return sorted(i for i in record.copies
-                      if i == self.instance_id or self.cluster is None or self.cluster.is_live(i))
-
-    def eligible_pods(self, record: ModelRecord) -> list[str]:
-        """Pods that may hold the model: not shutting down, with its type's required labels and its
-        pin labels."""
-        needed = self._constraints.for_type(record.info.type).required | frozenset(record.pin_labels)
-        instances = self._published_instances() if self.cluster is not None else {}
-        return sorted(i for i, r in instances.items() if not r.shutting_down and needed <= set(r.labels))
-
-    def pod_rate(self, instance_id: str) -> int:
-        """A pod's request rate as placement sees it: this pod's own, live; another's as published."""
-        if instance_id == self.instance_id:
-            return self.requests.rpm()
-        record = self.cluster.view.get(instance_id) if self.cluster is not None else None
-        return record.request_rate_rpm if record is not None else 0
-
-    def mean_pod_rate(self) -> float:
-        """The mean request rate over the live pods' records (this pod's live): the copy limit's base."""
-        if self.cluster is None:
-            return float(self.requests.rpm())
-        instances = self._published_instances()
-        return sum(self.pod_rate(i) for i in instances) / len(instances)
-
-    def cluster_fullness(self) -> float:
-        instances = self._published_instances().values() if self.cluster is not None else []
-        capacity = sum(r.capacity_bytes for r in instances) or self.capacity_bytes
-        used = sum(r.used_bytes for r in instances) if self.cluster is not None else self.used_bytes()
-        return used / capacity if capacity else 1.0
-
     def place_copies(self, model_id: str, count: int, *, copy_rpm: float = 0.0) -> tuple[str, ...]:
         """Start ``count`` more copies of the model on the pods placement picks (not waiting for
         the loads); returns the pods chosen."""
@@ -412,13 +354,13 @@ class Mesh:
         now = self._clock.now_ms()
         failed = frozenset(self._recent_failures(record, now))
         model = ModelView(model_id, record.info.type, last_used_ms=record.last_used_ms,
-                          holders=frozenset(self.live_holders(record)), failed=failed)
+                          holders=frozenset(self.pods.live_holders(record)), failed=failed)
         placement = choose_new_copy_pods(
-            project_pending(self._cluster_view(record), self._pending_loads()), model, count,
+            self.pods.placement_view(record), model, count,
             now_ms=now, rng=self._rng, copy_rpm=copy_rpm, required_labels=frozenset(record.pin_labels),
         )
         for instance_id in placement.instance_ids:
-            self._add_pending(instance_id, model_id, now)
+            self.pods.add_pending(instance_id, model_id, now)
             self._spawn(self._load_on(instance_id, model_id), f"copy:{model_id}@{instance_id}")
         if placement.instance_ids:
             log.info("adding %d copies of '%s': %s", len(placement.instance_ids), model_id, placement.reason)
@@ -432,7 +374,7 @@ class Mesh:
                 self._check_room_ahead(model_id)
             copy = await self._ensure_local(model_id)
             if ahead_of_ms:
-                _backdate(copy, ahead_of_ms)
+                backdate(copy, ahead_of_ms)
             return
         # a forwarded ModelMetadata is served where it lands, so that pod loads the model
         metadata = [("mm-model-id", model_id)]
@@ -445,7 +387,7 @@ class Mesh:
         """Another pod's proactive load: load here and answer, without counting it as a use."""
         self._check_room_ahead(model_id)
         copy = await self._ensure_local(model_id)
-        _backdate(copy, last_used_ms)
+        backdate(copy, last_used_ms)
         copy.in_flight += 1
         try:
             return await self._runtime.invoke(method, body, metadata, None)
@@ -471,22 +413,22 @@ class Mesh:
         if self.cluster is None:
             return ()
         now = self._clock.now_ms()
-        pending = self._pending_loads()
+        pending = self.pods.pending_loads()
         on_their_way = {p.model_id for loads in pending.values() for p in loads} | self._loads.keys()
         candidates = [
             ModelView(model_id, record.info.type, last_used_ms=record.last_used_ms,
                       failed=frozenset(self._recent_failures(record, now)))
             for model_id, record in self._registry.items()
             if not record.pin_labels and not record.all_pods and record.min_copies <= 1
-            and model_id not in on_their_way and not self.live_holders(record)
+            and model_id not in on_their_way and not self.pods.live_holders(record)
         ]
         if not candidates:
             return ()
-        plan = plan_proactive_loads(project_pending(self._cluster_view(), pending), candidates,
+        plan = plan_proactive_loads(self.pods.placement_view(pending=pending), candidates,
                                     now_ms=now, rng=self._rng, max_loads=PROACTIVE_MAX_LOADS)
         last_used = {m.model_id: m.last_used_ms for m in candidates}
         for load in plan.loads:
-            self._add_pending(load.instance_id, load.model_id, now)
+            self.pods.add_pending(load.instance_id, load.model_id, now)
             self._spawn(self._load_on(load.instance_id, load.model_id, ahead_of_ms=max(1, last_used[load.model_id])),
                         f"ahead:{load.model_id}@{load.instance_id}")
         if plan.loads:
@@ -503,10 +445,9 @@ class Mesh:
         record = self._registry.cached(model_id)
         if record is None or not (record.min_copies > 1 or record.all_pods):
             return ()
-        eligible = self.eligible_pods(record)
+        eligible = self.pods.eligible_pods(record)
         wanted = len(eligible) if record.all_pods else min(record.min_copies, len(eligible))
-        missing = wanted - len(self.live_holders(record)) - len(
-            [p for p in self._pending_loads().values() for x in p if x.model_id == model_id])
+        missing = wanted - len(self.pods.live_holders(record)) - self.pods.pending_for(model_id)
         if self.cluster is None:
             if missing > 0 and model_id not in self._copies:
                 self._spawn(self._ensure_local(model_id), f"min-copies:{model_id}")
@@ -519,57 +460,6 @@ class Mesh:
         if self._typical_size:
             return self._typical_size
         return self._status.default_model_size_bytes if self._status else 1024 * 1024
-
-    def _pending_loads(self) -> dict[str, list[PendingLoad]]:
-        """Pending loads still worth counting: the pod has not republished since, and they are young."""
-        assert self.cluster is not None
-        now = self._clock.now_ms()
-        out: dict[str, list[PendingLoad]] = {}
-        for instance_id, entries in list(self._pending.items()):
-            current = self.cluster.view.versioned(instance_id)
-            kept = [(p, rev) for p, rev in entries
-                    if current is not None and current.revision == rev and now - p.chosen_ms < PENDING_TTL_MS]
-            if kept:
-                self._pending[instance_id] = kept
-                out[instance_id] = [p for p, _ in kept]
-            else:
-                del self._pending[instance_id]
-        return out
-
-    def _cluster_view(self, record: ModelRecord | None = None) -> ClusterView:
-        """The pods as placement sees them; a model pinned to labels adds them to its type's
-        required labels."""
-        assert self.cluster is not None
-        constraints = self._constraints
-        if record is not None and record.pin_labels:
-            base = constraints.for_type(record.info.type)
-            pinned = LabelConstraint(required=base.required | frozenset(record.pin_labels), preferred=base.preferred)
-            constraints = TypeConstraints(
-                by_type=(*[(t, c) for t, c in constraints.by_type if t != record.info.type],
-                         (record.info.type, pinned)),
-                default=constraints.default,
-            )
-        instances = tuple(
-            InstanceView(
-                instance_id=i, capacity_bytes=r.capacity_bytes, used_bytes=r.used_bytes,
-                model_count=r.model_count, lru_time_ms=r.lru_time_ms,
-                loading_in_flight=r.loading_in_flight, loading_slots=r.loading_slots,
-                request_rate_rpm=r.request_rate_rpm, labels=frozenset(r.labels), zone=r.zone,
-                version=r.version, start_time_ms=r.start_time_ms, shutting_down=r.shutting_down,
-            )
-            for i, r in self._published_instances().items()
-        )
-        return ClusterView(instances, default_model_size_bytes=self._default_size(), constraints=constraints)
-
-    def _published_instances(self) -> dict[str, InstanceRecord]:
-        """Every live pod's published record; placement judges this pod by the same yardstick as
-        the others (its pending loads are counted the same way), so it neither favours nor shuns
-        itself."""
-        assert self.cluster is not None
-        instances = dict(self.cluster.view.items())
-        if self.instance_id not in instances:
-            instances[self.instance_id] = self.cluster.current()
-        return instances
 
     def instance_figures(self, endpoint: str, labels: tuple[str, ...], zone: str, start_ms: int) -> InstanceRecord:
         """This pod's instance record, from its live figures."""
@@ -587,7 +477,7 @@ class Mesh:
         )
 
     def _on_instance_removed(self, instance_id: str) -> None:
-        self._pending.pop(instance_id, None)
+        self.pods.forget(instance_id)
         self._peers.forget(instance_id)
         if self.cluster is not None and self.cluster.is_leader():
             self._spawn(self.sweep_dead_copies(), "sweep-dead-copies")
@@ -601,7 +491,7 @@ class Mesh:
             return [i for i in record.copies if i != self.instance_id and not cluster.is_live(i)]
 
         swept = await self._registry.update_where(
-            lambda m, r: bool(departed(m, r)), lambda m, r: _without_copies(r, departed(m, r)))
+            lambda m, r: bool(departed(m, r)), lambda m, r: without_copies(r, departed(m, r)))
         if swept:
             log.info("removed copies of departed pods from %d model records", swept)
         return swept
@@ -615,7 +505,7 @@ class Mesh:
             return self.instance_id in record.copies and model_id not in self._copies
 
         swept = await self._registry.update_where(
-            stale, lambda m, r: _without_copies(r, [self.instance_id] if stale(m, r) else []))
+            stale, lambda m, r: without_copies(r, [self.instance_id] if stale(m, r) else []))
         if swept:
             log.info("removed stale copies of this instance from %d model records", swept)
         return swept
@@ -638,7 +528,7 @@ class Mesh:
             since = held_since(model_id)
             if since is None or self.instance_id in record.copies:
                 return None
-            return _with_copy(record, self.instance_id, since)
+            return with_copy(record, self.instance_id, since)
 
         restored = await self._registry.update_where(missing, with_own_copy, model_ids=list(self._copies))
         if restored:
@@ -812,7 +702,7 @@ class Mesh:
         pending = self._record_writes.get(model_id)
         if pending is not None:
             await asyncio.gather(pending, return_exceptions=True)
-        return await self._registry.update(model_id, lambda r: _with_copy(r, self.instance_id, started_ms))
+        return await self._registry.update(model_id, lambda r: with_copy(r, self.instance_id, started_ms))
 
     async def _unload_after(self, recorded: asyncio.Task[ModelRecord], model_id: str) -> None:
         """Unload once the copy's record write is done, so its removal from the record wins."""
@@ -851,7 +741,7 @@ class Mesh:
         holds its model at its minimum (or is its only copy on an all-pods model) stays."""
         record = self._registry.cached(c.model_id)
         pinned = record is not None and (record.all_pods or (
-            record.min_copies > 1 and self._live_copy_count(record) <= record.min_copies))
+            record.min_copies > 1 and len(self.pods.live_holders(record)) <= record.min_copies))
         now = self._clock.now_ms()
         # Just loaded and not yet used: the requests that waited for it have not run yet (they wake
         # after the load task ends), so evicting it now would make them load it again — a thrash
@@ -861,7 +751,7 @@ class Mesh:
         # eviction weighs the plain count of the last minute (one request is one), plus what the
         # record still carries of the model's use when its last copy went; on a pod whose counts
         # fit their long-term rates, the long-term rate unless the minute says the traffic moved
-        uses = c.rate.minute_rpm(now) + (_carried(record, c, now) if record is not None else 0.0)
+        uses = c.rate.minute_rpm(now) + (carried(record, c, now) if record is not None else 0.0)
         steady = self.popularity.steady and record is not None
         if steady:
             assert record is not None
@@ -871,11 +761,6 @@ class Mesh:
             busy=c.state is CopyState.LOADING or c.in_flight > 0 or fresh,
             request_rate_rpm=uses, min_copies_pinned=pinned, steady=steady,
         )
-
-    def _live_copy_count(self, record: ModelRecord) -> int:
-        if self.cluster is None:
-            return len(record.copies)
-        return sum(1 for i in record.copies if i == self.instance_id or self.cluster.is_live(i))
 
     async def _evict(self, victims: tuple[str, ...], why: str) -> None:
         # Removed from the table before any await, so a concurrent load sees the space as taken
@@ -957,7 +842,7 @@ class Mesh:
         credit eviction gives the model's next copy)."""
         now = self._clock.now_ms()
         try:
-            await self._registry.update(model_id, lambda r: _without_copy(r, self.instance_id, gone, now))
+            await self._registry.update(model_id, lambda r: without_copy(r, self.instance_id, gone, now))
         except ModelNotFound:
             pass
         except MeshError as err:
@@ -973,7 +858,7 @@ class Mesh:
         self._metrics.load_model_failure.inc()
         log.warning("loading '%s' failed: %s", model_id, message)
         try:
-            await self._registry.update(model_id, lambda r: _with_failure(r, self.instance_id, failure))
+            await self._registry.update(model_id, lambda r: with_failure(r, self.instance_id, failure))
         except MeshError as err:
             log.warning("could not record the failure of '%s': %s", model_id, err)
 
@@ -1026,8 +911,8 @@ class Mesh:
         created = await self._registry.create(model_id, record)
         if not created:
             existing = await self._registry.get(model_id)
-            if existing is not None and (existing.record.info, _policy_of(existing.record)) != (
-                info, _policy_of(record)
+            if existing is not None and (existing.record.info, policy_of(existing.record)) != (
+                info, policy_of(record)
             ):
                 raise ModelExists(
                     f"model '{model_id}' is already registered with different info "
@@ -1111,7 +996,7 @@ class Mesh:
         elif model_id in self._loads:
             copies.append(CopyStatus(self.instance_id, ModelState.LOADING, now))
         for instance, started in record.copies.items():
-            if instance != self.instance_id and (self.cluster is None or self.cluster.is_live(instance)):
+            if instance != self.instance_id and self.pods.is_live(instance):
                 copies.append(CopyStatus(instance, ModelState.LOADED, started))
         errors = tuple(
             f.message for f in self._recent_failures(record, now).values()
@@ -1169,59 +1054,3 @@ def _load_ahead_of(metadata: Metadata) -> int | None:
             except ValueError:
                 raise InvalidRequest(f"{LOAD_AHEAD_HEADER} must be a time in ms, got {value!r}") from None
     return None
-
-
-def _last_use(record: ModelRecord) -> int:
-    """The model's last use for placement's load filter, 0 when it has had none: a record keeps its
-    registration time as its last use until then (so proactive loads and eviction see fresh models as
-    recent), but a model nobody has used brings no known traffic to the pod that loads it."""
-    return 0 if record.last_used_ms == record.registered_ms else record.last_used_ms
-
-
-def _backdate(copy: LocalCopy, last_used_ms: int) -> None:
-    """A copy loaded ahead of need is as recently used as its model was, unless requests came."""
-    if copy.requests == 0 and copy.history == UseHistory():
-        copy.last_used_ms = min(copy.last_used_ms, last_used_ms)
-
-
-def _policy_of(record: ModelRecord) -> PlacementPolicy:
-    return PlacementPolicy(record.min_copies, record.all_pods, record.pin_labels)
-
-
-def _with_copy(record: ModelRecord, instance_id: str, started_ms: int) -> ModelRecord:
-    record.copies[instance_id] = started_ms
-    record.failures.pop(instance_id, None)
-    return record
-
-
-def _carried(record: ModelRecord, copy: LocalCopy, now_ms: int) -> float:
-    """What the record carries of the model's use from before this copy was loaded."""
-    if copy.state_ms <= record.use_count_ms:
-        return 0.0  # counted already: the figure was written after this copy loaded
-    return carried_use(record.use_count, record.use_count_ms, now_ms)
-
-
-def _without_copies(record: ModelRecord, instance_ids: list[str]) -> ModelRecord | None:
-    for i in instance_ids:
-        del record.copies[i]
-    return record if instance_ids else None
-
-
-def _without_copy(record: ModelRecord, instance_id: str, gone: LocalCopy | None = None,
-                  now_ms: int = 0) -> ModelRecord | None:
-    if instance_id not in record.copies:
-        return None
-    del record.copies[instance_id]
-    if gone is not None:
-        record.last_used_ms = max(record.last_used_ms, gone.last_used_ms)
-        uses = gone.rate.recent_uses(now_ms) + gone.requests + _carried(record, gone, now_ms)
-        record.use_count, record.use_count_ms = uses, now_ms
-        record.long_use = decayed_count(gone.long_use, gone.long_use_ms, now_ms) + gone.requests
-        record.long_use_ms = now_ms
-    return record
-
-
-def _with_failure(record: ModelRecord, instance_id: str, failure: LoadFailure) -> ModelRecord:
-    record.copies.pop(instance_id, None)
-    record.failures[instance_id] = failure
-    return record

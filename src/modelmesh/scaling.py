@@ -93,7 +93,7 @@ class CopyKeeper:
             record = mesh.record(copy.model_id)
             if record is None:
                 continue
-            if fits_the_test(len(mesh.live_holders(record)), copy.predicted_rpm):
+            if fits_the_test(len(mesh.pods.live_holders(record)), copy.predicted_rpm):
                 terms += fit_term(n, copy.predicted_rpm, self._period_ms)
                 counted += 1
             copy.predicted_rpm = long_use_rpm(copy.long_use, copy.long_use_ms, now_ms, record.registered_ms)
@@ -109,16 +109,16 @@ class CopyKeeper:
         now = self._clock.now_ms()
         self.fold(now)
         threshold = self._threshold()
-        fullness = mesh.cluster_fullness()
-        mean_pod_rpm = mesh.mean_pod_rate()
+        fullness = mesh.pods.cluster_fullness()
+        mean_pod_rpm = mesh.pods.mean_pod_rate()
         for copy in mesh.loaded_copies():
             record = mesh.record(copy.model_id)
             if record is None:
                 continue
-            holders = mesh.live_holders(record)
+            holders = mesh.pods.live_holders(record)
             if not holders or holders[0] != mesh.instance_id:
                 continue  # another holder decides for this model
-            eligible = mesh.eligible_pods(record)
+            eligible = mesh.pods.eligible_pods(record)
             rpm = copy.rate.rpm(now)
             decision = copy_targets(
                 CopyModelView(
@@ -128,7 +128,7 @@ class CopyKeeper:
                 ),
                 now_ms=now, threshold_rpm=threshold, cluster_fullness=fullness,
                 cluster_size=max(1, len(eligible)), mean_pod_rpm=mean_pod_rpm,
-                busiest_holder_rpm=max(mesh.pod_rate(i) for i in holders),
+                busiest_holder_rpm=max(mesh.pods.pod_rate(i) for i in holders),
             )
             if decision.target_copies > len(holders):
                 # each new copy will take about an equal share of the model's traffic

@@ -396,7 +396,7 @@ async def test_a_cooled_model_loses_its_extra_copy_when_space_is_needed(long_liv
     # the traffic stops; after the cool-down (pods republish their figures by then too) every
     # pod's keeper runs
     a.clock.advance(4 * 60)
-    await until(lambda: a.mesh.cluster_fullness() >= 0.95, "the cluster to publish it is full")
+    await until(lambda: a.mesh.pods.cluster_fullness() >= 0.95, "the cluster to publish it is full")
     # ... and that the filling traffic is over (a holder busier than the mean keeps its copies)
     await until(lambda: all(p.cluster.view.get(q).request_rate_rpm == 0 for p in pods.values() for q in IDS),
                 "every pod to publish its rate has dropped")
