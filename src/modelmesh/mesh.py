@@ -1040,6 +1040,8 @@ class Mesh:
             (m.models_with_failure, lambda: len(self._failures)),
             (m.instance_lru, lambda: self._lru_ms() / 1000),
             (m.instance_lru_age, lambda: (self._clock.now_ms() - self._lru_ms()) / 1000),
+            (m.popularity_fit, lambda: self.popularity.chi2),
+            (m.popularity_steady, lambda: 1 if self.popularity.steady else 0),
         ]
         for gauge, fn in gauges:
             gauge.set_function(fn)  # type: ignore[attr-defined]

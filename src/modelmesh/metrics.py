@@ -77,3 +77,10 @@ class MeshMetrics:
         self.instance_lru_age = Gauge(
             "modelmesh_instance_lru_age_seconds",
             "Last used age of least recently used model in pod (secs ago)", registry=r)
+        # ours, not ModelMesh's: which rule eviction ranks by (placement.eviction.PopularityFit)
+        self.popularity_fit = Gauge(
+            "modelmesh_popularity_fit",
+            "Mean chi-square per copy of the pod's request counts against their long-term rates", registry=r)
+        self.popularity_steady = Gauge(
+            "modelmesh_popularity_steady",
+            "1 while the pod's popularity holds steady (eviction ranks by long-term use), else 0", registry=r)

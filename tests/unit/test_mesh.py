@@ -352,11 +352,13 @@ async def test_a_pod_whose_counts_hold_steady_ranks_its_copies_by_long_term_use(
     from modelmesh.placement.eviction import long_use_rpm
     from modelmesh.scaling import CopyKeeper
 
-    mesh, runtime, clock, _ = parts
+    mesh, runtime, clock, metrics = parts
     keeper = CopyKeeper(mesh, clock, threshold_rpm=lambda: 1e9)
     per_period = {f"m{i}": 2 + i % 4 for i in range(8)}  # 12 to 30 requests a minute each
     for mid in per_period:
         await register(mesh, mid)
+    assert sample(metrics, "modelmesh_popularity_steady") == 0  # a pod starts unsteady
+    assert sample(metrics, "modelmesh_popularity_fit") == 10
     for _ in range(40):
         for mid, n in per_period.items():
             for _ in range(n):
@@ -366,6 +368,9 @@ async def test_a_pod_whose_counts_hold_steady_ranks_its_copies_by_long_term_use(
         if mesh.popularity.chi2 < 0.5:
             break
     assert mesh.popularity.steady
+    assert sample(metrics, "modelmesh_popularity_steady") == 1
+    assert sample(metrics, "modelmesh_popularity_fit") == pytest.approx(mesh.popularity.chi2)
+    assert mesh.popularity.chi2 < 0.5
     now = clock.now_ms()
     copy = mesh._copies["m3"]  # 5 a period: 30 a minute
     long_rpm = long_use_rpm(copy.long_use, copy.long_use_ms, now, mesh.record("m3").registered_ms)
@@ -388,7 +393,7 @@ async def test_a_pod_whose_counts_hold_steady_ranks_its_copies_by_long_term_use(
 async def test_a_pod_whose_counts_move_keeps_the_minute_rule(parts):
     from modelmesh.scaling import CopyKeeper
 
-    mesh, runtime, clock, _ = parts
+    mesh, runtime, clock, metrics = parts
     keeper = CopyKeeper(mesh, clock, threshold_rpm=lambda: 1e9)
     for i in range(4):
         await register(mesh, f"m{i}")
@@ -399,6 +404,9 @@ async def test_a_pod_whose_counts_move_keeps_the_minute_rule(parts):
         clock.advance(10)
         keeper.fold(clock.now_ms())
         assert not mesh.popularity.steady, period
+    assert sample(metrics, "modelmesh_popularity_steady") == 0
+    assert sample(metrics, "modelmesh_popularity_fit") == pytest.approx(mesh.popularity.chi2)
+    assert mesh.popularity.chi2 > 1.5
     copy = mesh._copies["m0"]
     cached = mesh._cached(copy)
     assert not cached.steady and cached.request_rate_rpm == copy.rate.minute_rpm(clock.now_ms())
