@@ -4,21 +4,29 @@
     python -m loadtest.bench_mixed [--models 2000] [--zipf 1.1] [--share 0.10] [--duration 60]
 
 The pods' capacity is sized from a measured demo-model size so that `share` of the models fit in
-the cluster at once. Everything started here is stopped on exit.
+the cluster at once. Everything started here is stopped on exit. After the run it reads the
+store's history of the run and reports its writes per second: the pods' instance records (each pod
+republishes when its figures move, checked every 200 ms) and the model records (copies added and
+removed, besides the registrations).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from modelmesh.kv.etcd import EtcdStore  # noqa: E402
+from modelmesh.settings import MeshSettings  # noqa: E402
 from tests.etcd_server import EtcdServer  # noqa: E402
 
 SERVING = re.compile(r"serving on \S+:(\d+) \(metrics on :(\d+)\)")
@@ -37,6 +45,40 @@ def start_pod(etcd: str, index: int, capacity: int, log: Path) -> tuple[subproce
         if m:
             return proc, int(m.group(1)), int(m.group(2))
     raise RuntimeError(f"pod {index} exited: {log.read_text()[-2000:]}")
+
+
+async def store_revision(endpoint: str) -> int:
+    store = EtcdStore(endpoint, timeout_s=5)
+    try:
+        return (await store.list_prefix("bench-mixed-none/")).revision
+    finally:
+        await store.close()
+
+
+async def writes_since(endpoint: str, prefix: str, start: int, end: int) -> Counter[str]:
+    """Writes (puts and deletes) under ``prefix`` in revisions start+1..end, by the key's table
+    (``instances``, ``registry``, ...), replayed from etcd's history."""
+    counts: Counter[str] = Counter()
+    if end <= start:
+        return counts
+    store = EtcdStore(endpoint, timeout_s=5)
+    try:
+        async def follow() -> None:
+            async for batch in store.watch_prefix(prefix, start + 1):
+                for event in batch:
+                    if event.mod_revision > end:
+                        return
+                    counts[event.key[len(prefix):].split("/", 1)[0]] += 1
+                if batch and batch[-1].mod_revision >= end:
+                    return
+
+        try:
+            await asyncio.wait_for(follow(), timeout=60)
+        except TimeoutError:
+            pass  # the last revisions were outside the prefix: everything in it has been read
+    finally:
+        await store.close()
+    return counts
 
 
 def main() -> int:
@@ -74,7 +116,19 @@ def main() -> int:
                 cmd += ["--metrics", m]
             if args.json:
                 cmd += ["--json", str(args.json)]
-            return subprocess.run(cmd, cwd=ROOT).returncode
+            start = asyncio.run(store_revision(etcd.endpoint))
+            began = time.monotonic()
+            code = subprocess.run(cmd, cwd=ROOT).returncode
+            elapsed = time.monotonic() - began
+            end = asyncio.run(store_revision(etcd.endpoint))
+            writes = asyncio.run(writes_since(etcd.endpoint, MeshSettings().key_root + "/", start, end))
+            copies = writes["registry"] - args.models  # each registration is one write
+            print(f"\nstore writes over the run ({elapsed:.0f} s, registration and warmup included): "
+                  f"instance records {writes['instances'] / elapsed:.1f}/s "
+                  f"({writes['instances'] / elapsed / args.pods:.1f}/s per pod), "
+                  f"model records {copies / elapsed:.1f}/s besides {args.models} registrations, "
+                  f"other {sum(writes.values()) - writes['instances'] - writes['registry']}")
+            return code
         finally:
             for proc in pods:
                 proc.terminate()
