@@ -65,6 +65,31 @@ def copies_of(address: str, model_id: str) -> set[str]:
     return {c.location for c in status.modelCopyInfos}
 
 
+def check_large_request_through_a_hop(pods: list[PodProcess]) -> None:
+    """A request and an answer of 6 MiB each (over gRPC's 4 MiB default; under the mesh's 16 MiB
+    MM_SVC_GRPC_MAX_MSG_SIZE) entering at a pod without the model: the one limit holds on the pod's
+    server, the pod-to-pod channel and the holder, both ways (ModelMesh needed it raised in three
+    places). ``pods[i]`` is instance ``pod-i``."""
+    holders = copies_of(pods[0].address, demo_model_id(0))
+    assert len(holders) == 1, holders
+    entry = next(p for i, p in enumerate(pods) if f"pod-{i}" not in holders)
+    loads_before = entry.metrics()["modelmesh_loadmodel_milliseconds_count"]
+    rows = (6 << 20) // (F * 4)
+    x = np.random.default_rng(7).standard_normal((rows, F)).astype(np.float32)
+    client = tc.InferenceServerClient(entry.address)
+    try:
+        inp = tc.InferInput("x", [rows, F], "FP32")
+        inp.set_data_from_numpy(x)
+        out = client.infer(demo_model_id(0), [inp], client_timeout=60).as_numpy("y")
+    finally:
+        client.close()
+    w, b = demo_weights(0, F)
+    np.testing.assert_allclose(out, x @ w + b, rtol=1e-4, atol=1e-4)
+    # served by the holder through the hop, not by a load where it entered
+    assert entry.metrics()["modelmesh_loadmodel_milliseconds_count"] == loads_before
+    assert copies_of(pods[0].address, demo_model_id(0)) == holders
+
+
 @pytest.fixture
 def etcd():
     with EtcdServer() as server:
@@ -98,6 +123,7 @@ def test_three_pods_serve_300_models_from_any_pod_and_spread_loads(tmp_path, etc
         counts = [p.metrics()["modelmesh_instance_models_total"] for p in pods]
         assert sum(counts) == 300
         assert max(counts) <= 1.2 * (sum(counts) / 3), counts
+        check_large_request_through_a_hop(pods)
     finally:
         for p in pods:
             assert p.stop() == 0, p.log()

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from modelmesh.api.status import status_for
 from modelmesh.clock import FakeClock
 from modelmesh.cluster import Cluster
-from modelmesh.errors import MeshError, ModelLoadFailed, RuntimeUnavailable, UpstreamError
+from modelmesh.errors import MeshError, ModelLoadFailed, RequestTooLarge, RuntimeUnavailable, UpstreamError
 from modelmesh.kv.memory import MemoryStore
 from modelmesh.mesh import Mesh
 from modelmesh.placement.eviction import LONG_USE_TAU_MS
@@ -37,6 +37,8 @@ class InProcessPeer:
         pod = self._pods[self._id]
         if pod.down:
             raise RuntimeUnavailable(f"pod at {self._id} is unavailable: connection refused")
+        if pod.too_large is not None:  # as runtime.grpc_client says of a hop over the size limit
+            raise RequestTooLarge(pod.too_large)
         try:
             return await pod.mesh.route(resolve_target(metadata, body), method, body, metadata, timeout_s,
                                         forwarded=True)
@@ -53,6 +55,8 @@ class Pod:
         self.id = instance_id
         self.store, self.clock = store, clock
         self.down = False
+        # set: requests forwarded here fail as a message over gRPC's size limit would
+        self.too_large: str | None = None
         self.runtime = FakeRuntime(capacity=10_000)
         self.registry = Registry(store, "mm/t")
         self.mesh = Mesh(instance_id=instance_id, registry=self.registry, runtime=self.runtime,
@@ -204,6 +208,22 @@ async def test_an_unreachable_pod_is_skipped(pods):
     c.down = True
     assert await infer(a, "m") == b"x|m"
     assert "m" in a.runtime.loaded or "m" in pods["pod-b"].runtime.loaded
+
+
+async def test_a_message_over_the_size_limit_is_not_sent_to_other_pods(pods):
+    """Every pod has the same MM_SVC_GRPC_MAX_MSG_SIZE: a hop whose request or answer is over it
+    fails on any pod, so the caller hears RESOURCE_EXHAUSTED at once and no other pod loads the model
+    (a RESOURCE_EXHAUSTED that means "no room there" does move on)."""
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await register(a, "m")
+    await infer(c, "m", forwarded=True)
+    c.too_large = "Received message larger than max (6291489 vs. 4194304)"
+    with pytest.raises(RequestTooLarge, match="larger than max") as err:
+        await infer(a, "m")
+    assert status_for(err.value)[0].name == "RESOURCE_EXHAUSTED"
+    assert a.runtime.load_calls == [] and b.runtime.load_calls == []
+    c.too_large = None
+    assert await infer(a, "m") == b"x|m"
 
 
 async def test_forwarded_requests_are_never_forwarded_again(pods):

@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from modelmesh.errors import ModelLoadFailed, ModelNotFound, RuntimeUnavailable, UpstreamError
+from modelmesh.errors import ModelLoadFailed, ModelNotFound, RequestTooLarge, RuntimeUnavailable, UpstreamError
 from modelmesh.proto import model_runtime_pb2 as rpb
 from modelmesh.proto import model_runtime_pb2_grpc as rgrpc
 from modelmesh.runtime.base import Metadata
@@ -20,6 +20,10 @@ from modelmesh.types import LoadResult, ModelInfo, RuntimeStatus
 
 log = logging.getLogger(__name__)
 
+# What gRPC says of a message over the size limit, on either side, either way ("Received message
+# larger than max (N vs. M)", "Sent message larger than max ..."); a pod passes it on when it
+# answers that a hop's message was too large, so the pod before it can tell too.
+_TOO_LARGE = "message larger than max"
 # Loads and unloads are never retried by gRPC itself: the mesh decides what a failure means.
 _CHANNEL_OPTIONS = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
 
@@ -34,6 +38,7 @@ class GrpcForwarder:
 
     def __init__(self, target: str, max_msg_size: int) -> None:
         self.target = target
+        self.max_msg_size = max_msg_size
         self._channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -59,7 +64,13 @@ class GrpcForwarder:
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 raise RuntimeUnavailable(f"{self.what} at {self.target} is unavailable: {err.details()}") from err
-            raise UpstreamError(err.code().name, err.details() or err.code().name) from err
+            details = err.details() or err.code().name
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
+                # the size limit, not a full pod: every pod has the same limit, so no other pod
+                # would do better (a RESOURCE_EXHAUSTED that means "no room" sends the request on)
+                raise RequestTooLarge(f"{details} (the limit is MM_SVC_GRPC_MAX_MSG_SIZE, "
+                                      f"{self.max_msg_size} bytes here; {self.what} at {self.target})") from err
+            raise UpstreamError(err.code().name, details) from err
 
 
 class PeerClient(GrpcForwarder):
