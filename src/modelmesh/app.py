@@ -271,6 +271,11 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
             serving["ready"] = False
             await cluster.mark_shutting_down()
             await health_servicer.enter_graceful_shutdown()
+            # still serving: the models in use move before the pod goes (placement now passes it over)
+            try:
+                await mesh.rehome(settings.shutdown_rehome_s)
+            except MeshError as err:
+                log.warning("shutting down: re-homing models failed: %s", err)
 
         closers.append(not_serving)
     except BaseException:

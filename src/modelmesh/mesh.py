@@ -98,6 +98,9 @@ MAX_MODEL_ID_LENGTH = 512
 MAX_MIN_COPIES = 1000
 # a freshly loaded copy no request has used yet is not evicted for this long (ms)
 FRESH_COPY_GRACE_MS = 5_000
+# at shutdown, models used this recently and held nowhere else are loaded on other pods first
+# (ModelMesh's rule: the last hour)
+REHOME_RECENT_MS = 3_600_000
 # pods tried for one request before giving up (a copy or placement, then others after failures)
 MAX_ROUTE_ATTEMPTS = 3
 # gRPC codes from a peer that mean "try another pod": unreachable, its load failed, no room there
@@ -365,6 +368,36 @@ class Mesh:
         if placement.instance_ids:
             log.info("adding %d copies of '%s': %s", len(placement.instance_ids), model_id, placement.reason)
         return placement.instance_ids
+
+    async def rehome(self, timeout_s: float) -> tuple[int, int]:
+        """At shutdown (this pod already published as shutting down, so placement passes it over):
+        load the models used here in the last ``REHOME_RECENT_MS`` that no other live pod holds onto
+        other pods, most recently used first, and wait up to ``timeout_s`` for their records to
+        show the new copies. Returns (models that now have a copy elsewhere, models it tried); the
+        requests that keep arriving meanwhile are still served here."""
+        if self.cluster is None or timeout_s <= 0:
+            return 0, 0
+        now = self._clock.now_ms()
+
+        def elsewhere(model_id: str) -> bool:
+            record = self._registry.cached(model_id)
+            return record is None or any(i != self.instance_id and self.pods.is_live(i) for i in record.copies)
+
+        recent = sorted((c for c in self.loaded_copies() if now - c.last_used_ms <= REHOME_RECENT_MS),
+                        key=lambda c: c.last_used_ms, reverse=True)
+        wanted = [c.model_id for c in recent if not elsewhere(c.model_id)]
+        if not wanted:
+            return 0, 0
+        placed = [m for m in wanted if self.place_copies(m, 1)]
+        log.info("shutting down: loading %d of %d recently used models held only here on other pods",
+                 len(placed), len(wanted))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not all(elsewhere(m) for m in placed) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        moved = sum(1 for m in wanted if elsewhere(m))
+        log.info("shutting down: %d of %d models re-homed", moved, len(wanted))
+        return moved, len(wanted)
 
     async def _load_on(self, instance_id: str, model_id: str, *, ahead_of_ms: int = 0) -> None:
         """Load the model on that pod. ``ahead_of_ms``: a proactive load; the copy takes that time

@@ -85,6 +85,10 @@ class MeshSettings:
     advertise_host: str | None = None
     # TTL of this pod's instance-record lease: how long a dead pod stays in the views (MM_INSTANCE_LEASE_TTL_S)
     instance_lease_ttl_s: float = 20.0
+    # at shutdown, how long to wait for the models used here in the last hour, held nowhere else, to
+    # load on other pods before exiting; 0 skips it (MM_SHUTDOWN_REHOME_S). Keep the pod's
+    # termination grace period above it.
+    shutdown_rehome_s: float = 20.0
     # try-it mode: write this many demo ONNX models to demo_dir and register them at start
     demo_models: int = 0
     demo_dir: str = "modelmesh-demo-models"
@@ -124,6 +128,7 @@ class MeshSettings:
             event_loop=env.get("MM_EVENT_LOOP", "auto") or "auto",
             advertise_host=env.get("MM_ADVERTISE_ADDRESS") or None,
             instance_lease_ttl_s=float(env.get("MM_INSTANCE_LEASE_TTL_S", "20") or 20),
+            shutdown_rehome_s=max(0.0, float(env.get("MM_SHUTDOWN_REHOME_S", "20") or 20)),
         )
         if env.get("MM_INSTANCE_ID"):
             base = replace(base, instance_id=env["MM_INSTANCE_ID"])

@@ -244,3 +244,40 @@ def _registered_ok(address: str, path) -> bool:
         return True
     except grpc.RpcError:
         return False
+
+
+@pytest.mark.timeout(120)
+def test_a_pod_stopping_moves_its_models_in_use_to_another_pod_first(tmp_path, etcd):
+    paths = write_demo_models(tmp_path / "models", 3, F)
+    pods = start_cluster(tmp_path, etcd, n=2)
+    try:
+        for path in paths:
+            register(pods[0].address, path.stem, str(path))
+        clients = [tc.InferenceServerClient(p.address) for p in pods]
+        try:
+            for i in range(3):
+                check_infer(clients[0], i)
+        finally:
+            for c in clients:
+                c.close()
+        holders = [copies_of(pods[0].address, demo_model_id(i)) for i in range(3)]
+        assert all(len(h) == 1 for h in holders), holders
+        # stop the pod holding the most models: its models must be loaded on the other first
+        going = max((0, 1), key=lambda k: sum(f"pod-{k}" in h for h in holders))
+        staying = pods[1 - going]
+        moving = [i for i in range(3) if f"pod-{going}" in holders[i]]
+        loads_before = staying.metrics()["modelmesh_loadmodel_milliseconds_count"]
+        assert pods[going].stop() == 0, pods[going].log()
+        assert f"{len(moving)} of {len(moving)} models re-homed" in pods[going].log()
+        # by the time the pod has exited, the survivor holds them all (loaded while the pod went)
+        assert staying.metrics()["modelmesh_loadmodel_milliseconds_count"] == loads_before + len(moving)
+        client = tc.InferenceServerClient(staying.address)
+        try:
+            for i in range(3):
+                check_infer(client, i)  # served by the copies already there: no cold start
+        finally:
+            client.close()
+        assert staying.metrics()["modelmesh_loadmodel_milliseconds_count"] == loads_before + len(moving)
+    finally:
+        for p in pods:
+            p.stop()

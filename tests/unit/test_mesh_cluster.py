@@ -14,7 +14,7 @@ from modelmesh.clock import FakeClock
 from modelmesh.cluster import Cluster
 from modelmesh.errors import MeshError, ModelLoadFailed, RequestTooLarge, RuntimeUnavailable, UpstreamError
 from modelmesh.kv.memory import MemoryStore
-from modelmesh.mesh import Mesh
+from modelmesh.mesh import REHOME_RECENT_MS, Mesh
 from modelmesh.placement.eviction import LONG_USE_TAU_MS
 from modelmesh.metrics import MeshMetrics
 from modelmesh.registry import Registry
@@ -590,3 +590,43 @@ async def test_a_load_ahead_of_need_never_evicts(pods):
     await b.mesh.route(RouteTarget("ahead", "model"), MODEL_METADATA_METHOD, encode_string_field(1, "ahead"),
                        md, None, forwarded=True)
     assert "ahead" in b.runtime.loaded and b.mesh._copies["ahead"].last_used_ms == 1
+
+
+async def test_a_pod_shutting_down_loads_its_recently_used_models_elsewhere_first(long_lived_pods):
+    pods = long_lived_pods
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    for m in ("hot", "old", "shared"):
+        await register(a, m)
+    await infer(a, "old", forwarded=True)  # loaded here, then not used for more than an hour
+    a.clock.advance(REHOME_RECENT_MS / 1000 + 1)
+    await infer(a, "hot", forwarded=True)
+    await infer(a, "shared", forwarded=True)
+    await infer(b, "shared", forwarded=True)
+    await until(lambda: set(a.mesh.record("shared").copies) == {"pod-a", "pod-b"}, "b's copy of 'shared'")
+
+    await a.cluster.mark_shutting_down()
+    await until(lambda: b.cluster.view.get("pod-a").shutting_down and c.cluster.view.get("pod-a").shutting_down,
+                "the others to see a shutting down")
+    assert await a.mesh.rehome(timeout_s=5) == (1, 1)  # only 'hot': used lately and held only here
+    assert ("hot" in b.runtime.loaded) != ("hot" in c.runtime.loaded)
+    assert "old" not in b.runtime.loaded and "old" not in c.runtime.loaded
+    assert "shared" not in c.runtime.loaded
+    assert {"pod-b", "pod-c"} & set(a.mesh.record("hot").copies)
+    # the new copy serves: a request entering at the third pod loads nothing more
+    loads = len(b.runtime.load_calls) + len(c.runtime.load_calls)
+    assert await infer(c if "hot" in b.runtime.loaded else b, "hot") == b"x|hot"
+    assert len(b.runtime.load_calls) + len(c.runtime.load_calls) == loads
+    assert await a.mesh.rehome(timeout_s=5) == (0, 0)  # nothing left that only a holds
+
+
+async def test_rehoming_is_off_at_zero_and_without_other_pods(pods):
+    a = pods["pod-a"]
+    await register(a, "m")
+    await infer(a, "m", forwarded=True)
+    await a.cluster.mark_shutting_down()
+    assert await a.mesh.rehome(timeout_s=0) == (0, 0)
+    for other in ("pod-b", "pod-c"):
+        pods[other].down = True
+        await pods[other].cluster.mark_shutting_down()
+    await until(lambda: all(a.cluster.view.get(i).shutting_down for i in ("pod-b", "pod-c")), "b and c shutting down")
+    assert await a.mesh.rehome(timeout_s=0.3) == (0, 1)  # every other pod is going too: nowhere to go
