@@ -351,9 +351,13 @@ class Mesh:
     def place_copies(self, model_id: str, count: int, *, copy_rpm: float = 0.0) -> tuple[str, ...]:
         """Start ``count`` more copies of the model on the pods placement picks (not waiting for
         the loads); returns the pods chosen."""
+        return tuple(self._start_copies(model_id, count, copy_rpm))
+
+    def _start_copies(self, model_id: str, count: int, copy_rpm: float = 0.0) -> dict[str, asyncio.Task[object]]:
+        """``place_copies``, returning each chosen pod's load task (done once the copy is loaded)."""
         record = self._registry.cached(model_id)
         if record is None or count <= 0 or self.cluster is None:
-            return ()
+            return {}
         now = self._clock.now_ms()
         failed = frozenset(self._recent_failures(record, now))
         model = ModelView(model_id, record.info.type, last_used_ms=record.last_used_ms,
@@ -362,19 +366,21 @@ class Mesh:
             self.pods.placement_view(record), model, count,
             now_ms=now, rng=self._rng, copy_rpm=copy_rpm, required_labels=frozenset(record.pin_labels),
         )
+        tasks = {}
         for instance_id in placement.instance_ids:
             self.pods.add_pending(instance_id, model_id, now)
-            self._spawn(self._load_on(instance_id, model_id), f"copy:{model_id}@{instance_id}")
+            tasks[instance_id] = self._spawn(self._load_on(instance_id, model_id), f"copy:{model_id}@{instance_id}")
         if placement.instance_ids:
             log.info("adding %d copies of '%s': %s", len(placement.instance_ids), model_id, placement.reason)
-        return placement.instance_ids
+        return tasks
 
     async def rehome(self, timeout_s: float) -> tuple[int, int]:
         """At shutdown (this pod already published as shutting down, so placement passes it over):
         load the models used here in the last ``REHOME_RECENT_MS`` that no other live pod holds onto
-        other pods, most recently used first, and wait up to ``timeout_s`` for their records to
-        show the new copies. Returns (models that now have a copy elsewhere, models it tried); the
-        requests that keep arriving meanwhile are still served here."""
+        other pods, most recently used first, and wait up to ``timeout_s`` for those loads to
+        finish, or until no other pod is left that is not shutting down too. Returns (models now
+        loaded elsewhere, models it tried); the requests that keep arriving meanwhile are still
+        served here."""
         if self.cluster is None or timeout_s <= 0:
             return 0, 0
         now = self._clock.now_ms()
@@ -383,19 +389,23 @@ class Mesh:
             record = self._registry.cached(model_id)
             return record is None or any(i != self.instance_id and self.pods.is_live(i) for i in record.copies)
 
+        def somewhere_to_go() -> bool:  # pods stopping together stop waiting for each other
+            return any(i != self.instance_id and not r.shutting_down for i, r in self.pods.published().items())
+
         recent = sorted((c for c in self.loaded_copies() if now - c.last_used_ms <= REHOME_RECENT_MS),
                         key=lambda c: c.last_used_ms, reverse=True)
         wanted = [c.model_id for c in recent if not elsewhere(c.model_id)]
         if not wanted:
             return 0, 0
-        placed = [m for m in wanted if self.place_copies(m, 1)]
+        loads = [task for m in wanted for task in self._start_copies(m, 1).values()]
         log.info("shutting down: loading %d of %d recently used models held only here on other pods",
-                 len(placed), len(wanted))
+                 len(loads), len(wanted))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not all(elsewhere(m) for m in placed) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        moved = sum(1 for m in wanted if elsewhere(m))
+        pending = set(loads)
+        while pending and somewhere_to_go() and loop.time() < deadline:
+            _, pending = await asyncio.wait(pending, timeout=min(0.05, max(0.0, deadline - loop.time())))
+        moved = sum(1 for t in loads if t.done() and not t.cancelled() and t.exception() is None)
         log.info("shutting down: %d of %d models re-homed", moved, len(wanted))
         return moved, len(wanted)
 

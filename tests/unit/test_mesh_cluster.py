@@ -630,3 +630,18 @@ async def test_rehoming_is_off_at_zero_and_without_other_pods(pods):
         await pods[other].cluster.mark_shutting_down()
     await until(lambda: all(a.cluster.view.get(i).shutting_down for i in ("pod-b", "pod-c")), "b and c shutting down")
     assert await a.mesh.rehome(timeout_s=0.3) == (0, 1)  # every other pod is going too: nowhere to go
+
+
+async def test_pods_stopping_together_do_not_wait_for_each_other(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await register(a, "m")
+    await infer(a, "m", forwarded=True)
+    await c.cluster.mark_shutting_down()
+    await until(lambda: a.cluster.view.get("pod-c").shutting_down, "a to see c shutting down")
+    b.runtime.gate = asyncio.Event()  # b is still loading 'm' when it starts shutting down too
+    await a.cluster.mark_shutting_down()
+    rehoming = asyncio.create_task(a.mesh.rehome(timeout_s=30))
+    await until(lambda: b.runtime.load_calls == ["m"], "b to start loading 'm'")
+    await b.cluster.mark_shutting_down()
+    assert await asyncio.wait_for(rehoming, timeout=5) == (0, 1)  # not the 30 s budget
+    b.runtime.gate.set()
