@@ -298,6 +298,10 @@ class Mesh:
             raise ModelNotFound(f"model '{model_id}' not found")
         now = self._clock.now_ms()
         live = [i for i in record.copies if i not in excluded and self.cluster.is_live(i)]
+        # a holder that is shutting down serves until it goes, but copies elsewhere go first (its
+        # models in use are being loaded on other pods)
+        staying = [i for i in live if not self._stopping(i)]
+        live = staying or live
         if live:
             copies = [CopyView(i, self._peers.in_flight(i), record.copies[i], pod_rate_rpm=self.pods.pod_rate(i))
                       for i in live]
@@ -323,6 +327,11 @@ class Mesh:
             raise CapacityExhausted(f"no pod can load '{model_id}': {decision.reason}")
         self.pods.add_pending(decision.instance_id, model_id, now)
         return decision.instance_id
+
+    def _stopping(self, instance_id: str) -> bool:
+        assert self.cluster is not None
+        record = self.cluster.view.get(instance_id)
+        return record is not None and record.shutting_down
 
     def _recent_failures(self, record: ModelRecord, now: int) -> dict[str, LoadFailure]:
         """The record's load failures that have not expired, by instance."""

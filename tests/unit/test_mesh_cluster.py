@@ -645,3 +645,20 @@ async def test_pods_stopping_together_do_not_wait_for_each_other(pods):
     await b.cluster.mark_shutting_down()
     assert await asyncio.wait_for(rehoming, timeout=5) == (0, 1)  # not the 30 s budget
     b.runtime.gate.set()
+
+
+async def test_requests_go_to_copies_on_pods_that_are_not_stopping(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await register(a, "m")
+    await infer(a, "m", forwarded=True)
+    await infer(b, "m", forwarded=True)
+    await until(lambda: set(c.mesh.record("m").copies) == {"pod-a", "pod-b"}, "c to see both copies")
+    await a.cluster.mark_shutting_down()
+    await until(lambda: c.cluster.view.get("pod-a").shutting_down, "c to see a shutting down")
+    served_by_a = len(a.runtime.invocations)
+    for _ in range(20):
+        assert await infer(c, "m") == b"x|m"
+    assert len(a.runtime.invocations) == served_by_a  # all 20 went to b
+    b.down = True  # the only other copy is unreachable: the stopping pod still serves
+    assert await infer(c, "m") == b"x|m"
+    assert len(a.runtime.invocations) == served_by_a + 1
