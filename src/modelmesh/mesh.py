@@ -406,6 +406,10 @@ class Mesh:
         wanted = [c.model_id for c in recent if not elsewhere(c.model_id)]
         if not wanted:
             return 0, 0
+        if not somewhere_to_go():
+            if len(self.pods.published()) > 1:
+                log.info("shutting down: %d models in use here, and every other pod is stopping too", len(wanted))
+            return 0, len(wanted)
         loads = [task for m in wanted for task in self._start_copies(m, 1).values()]
         log.info("shutting down: loading %d of %d recently used models held only here on other pods",
                  len(loads), len(wanted))
