@@ -51,3 +51,9 @@ def test_uvloop_when_installed(choice):
     assert name == "uvloop" and factory is not None
     with asyncio.Runner(loop_factory=factory) as runner:
         assert isinstance(runner.get_loop(), uvloop.Loop)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 20.0), ("", 20.0), ("0", 0.0), ("45", 45.0), ("-3", 0.0)])
+def test_shutdown_rehome_budget_from_env(value, expected):
+    env = {} if value is None else {"MM_SHUTDOWN_REHOME_S": value}
+    assert MeshSettings.from_env(env).shutdown_rehome_s == expected
