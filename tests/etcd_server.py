@@ -94,6 +94,18 @@ def _free_port(taken: set[int]) -> int:
     raise RuntimeError(f"found no free loopback port in {lowest}-{highest}")
 
 
+def _all_stopped(tasks: Path) -> bool:
+    """Whether every thread under ``/proc/<pid>/task`` is stopped (state T) or gone."""
+    for stat in tasks.glob("*/stat"):
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread exited meanwhile
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
 class EtcdServer:
     """One single-member etcd cluster on loopback; use as a context manager or call close().
 
@@ -175,9 +187,18 @@ class EtcdServer:
                 proc.wait()
 
     def pause(self) -> None:
-        """Freeze etcd (SIGSTOP): connections stay open but nothing answers, as with a hung host."""
+        """Freeze etcd (SIGSTOP): connections stay open but nothing answers, as with a hung host.
+        Returns once every thread of etcd is stopped: the signal is only queued when kill()
+        returns, and a thread running on another CPU went on to answer a request sent right after
+        (a test's list_prefix succeeded against a "frozen" etcd once in CI)."""
         assert self._proc is not None, "etcd is not running"
         self._proc.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self._proc.pid}/task")
+        deadline = time.monotonic() + 5.0
+        while not _all_stopped(tasks):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd (pid {self._proc.pid}) did not stop within 5 s of SIGSTOP")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """Undo ``pause()``."""
