@@ -804,10 +804,11 @@ class Mesh:
         # loop. Such a copy counts as busy for a short grace.
         fresh = c.requests == 0 and c.state is CopyState.LOADED and now - c.state_ms < FRESH_COPY_GRACE_MS \
             and c.rate.idle(now)
-        # eviction weighs the plain count of the last minute (one request is one), plus what the
-        # record still carries of the model's use when its last copy went; on a pod whose counts
-        # fit their long-term rates, the long-term rate unless the minute says the traffic moved
-        uses = c.rate.minute_rpm(now) + (carried(record, c, now) if record is not None else 0.0)
+        # eviction weighs the plain count of the last minute (one request is one: the window's
+        # and those since the copy keeper last folded them in), plus what the record still carries
+        # of the model's use when its last copy went; on a pod whose counts fit their long-term
+        # rates, the long-term rate unless the minute says the traffic moved
+        uses = c.rate.minute_rpm(now) + c.requests + (carried(record, c, now) if record is not None else 0.0)
         steady = self.popularity.steady and record is not None
         if steady:
             assert record is not None

@@ -410,3 +410,27 @@ async def test_a_pod_whose_counts_move_keeps_the_minute_rule(parts):
     copy = mesh._copies["m0"]
     cached = mesh._cached(copy)
     assert not cached.steady and cached.request_rate_rpm == copy.rate.minute_rpm(clock.now_ms())
+
+
+async def test_requests_not_yet_folded_count_for_eviction(parts):
+    """A copy's requests since the copy keeper last folded them (up to a rate period) are use
+    too: a model just served 20 times must outrank one used 3 times a few seconds before, or the
+    headroom kept after a load evicts the model that was just loaded (seen in CI: 20 concurrent
+    first requests caused two loads)."""
+    from modelmesh.placement.eviction import choose_evictions
+    from modelmesh.scaling import CopyKeeper
+
+    mesh, runtime, clock, _ = parts
+    keeper = CopyKeeper(mesh, clock, threshold_rpm=lambda: 1e9)
+    await register(mesh, "old")
+    await register(mesh, "new")
+    for _ in range(3):
+        await infer(mesh, "old")
+    keeper.fold(clock.now_ms())  # old's 3 requests are in its rate window now
+    clock.advance(5)
+    for _ in range(20):
+        await infer(mesh, "new")  # not folded yet
+    clock.advance(6)  # past the fresh-copy grace: new is judged on its use
+    cache = [mesh._cached(c) for c in mesh.loaded_copies()]
+    assert {c.model_id: c.request_rate_rpm for c in cache} == {"old": 3, "new": 20}
+    assert choose_evictions(cache, mesh.capacity_bytes, mesh.capacity_bytes - 100).victims == ("old",)
