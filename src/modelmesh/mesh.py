@@ -101,6 +101,8 @@ FRESH_COPY_GRACE_MS = 5_000
 # at shutdown, models used this recently and held nowhere else are loaded on other pods first
 # (ModelMesh's rule: the last hour)
 REHOME_RECENT_MS = 3_600_000
+# loads a stopping pod has running on the others at once
+REHOME_PARALLEL = 8
 # pods tried for one request before giving up (a copy or placement, then others after failures)
 MAX_ROUTE_ATTEMPTS = 3
 # gRPC codes from a peer that mean "try another pod": unreachable, its load failed, no room there
@@ -410,15 +412,27 @@ class Mesh:
             if len(self.pods.published()) > 1:
                 log.info("shutting down: %d models in use here, and every other pod is stopping too", len(wanted))
             return 0, len(wanted)
-        loads = [task for m in wanted for task in self._start_copies(m, 1).values()]
-        log.info("shutting down: loading %d of %d recently used models held only here on other pods",
-                 len(loads), len(wanted))
+        log.info("shutting down: loading %d recently used models held only here on other pods, %d at a time",
+                 len(wanted), REHOME_PARALLEL)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        pending = set(loads)
-        while pending and somewhere_to_go() and loop.time() < deadline:
-            _, pending = await asyncio.wait(pending, timeout=min(0.05, max(0.0, deadline - loop.time())))
-        moved = sum(1 for t in loads if t.done() and not t.cancelled() and t.exception() is None)
+        queue = iter(wanted)
+        pending: set[asyncio.Task[object]] = set()
+        moved = 0
+        while somewhere_to_go() and loop.time() < deadline:
+            # at most REHOME_PARALLEL loads at once, so a pod that served thousands of models in
+            # its last hour does not start thousands of loads on the others together; a model
+            # that a request has meanwhile loaded elsewhere is skipped
+            while len(pending) < REHOME_PARALLEL and (model_id := next(queue, None)) is not None:
+                if elsewhere(model_id):
+                    moved += 1
+                else:
+                    pending.update(self._start_copies(model_id, 1).values())
+            if not pending:
+                break
+            done, pending = await asyncio.wait(pending, timeout=min(0.05, max(0.0, deadline - loop.time())),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            moved += sum(1 for t in done if not t.cancelled() and t.exception() is None)
         log.info("shutting down: %d of %d models re-homed", moved, len(wanted))
         return moved, len(wanted)
 

@@ -14,7 +14,7 @@ from modelmesh.clock import FakeClock
 from modelmesh.cluster import Cluster
 from modelmesh.errors import MeshError, ModelLoadFailed, RequestTooLarge, RuntimeUnavailable, UpstreamError
 from modelmesh.kv.memory import MemoryStore
-from modelmesh.mesh import REHOME_RECENT_MS, Mesh
+from modelmesh.mesh import REHOME_PARALLEL, REHOME_RECENT_MS, Mesh
 from modelmesh.placement.eviction import LONG_USE_TAU_MS
 from modelmesh.metrics import MeshMetrics
 from modelmesh.registry import Registry
@@ -618,6 +618,30 @@ async def test_a_pod_shutting_down_loads_its_recently_used_models_elsewhere_firs
     assert await infer(c if "hot" in b.runtime.loaded else b, "hot") == b"x|hot"
     assert len(b.runtime.load_calls) + len(c.runtime.load_calls) == loads
     assert await a.mesh.rehome(timeout_s=5) == (0, 0)  # nothing left that only a holds
+
+
+async def test_rehoming_runs_a_bounded_number_of_loads_at_once(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    models = [f"m{i}" for i in range(3 * REHOME_PARALLEL)]
+    for m in models:
+        await register(a, m)
+        await infer(a, m, forwarded=True)
+    b.runtime.gate, c.runtime.gate = asyncio.Event(), asyncio.Event()
+    await a.cluster.mark_shutting_down()
+    await until(lambda: b.cluster.view.get("pod-a").shutting_down and c.cluster.view.get("pod-a").shutting_down,
+                "the others to see a shutting down")
+    rehoming = asyncio.create_task(a.mesh.rehome(timeout_s=30))
+
+    def arrived() -> int:  # copies the forwarded loads made on b and c, loading or waiting to
+        return len(b.mesh._copies) + len(c.mesh._copies)
+
+    await until(lambda: arrived() == REHOME_PARALLEL, "the first loads to reach b and c")
+    await asyncio.sleep(0.1)
+    assert arrived() == REHOME_PARALLEL  # the rest wait for one of these to finish
+    b.runtime.gate.set()
+    c.runtime.gate.set()
+    assert await asyncio.wait_for(rehoming, timeout=5) == (len(models), len(models))
+    assert arrived() == len(models)
 
 
 async def test_rehoming_is_off_at_zero_and_without_other_pods(pods):
