@@ -454,6 +454,56 @@ async def _cmd_load(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
     return _exit_code_for(status)
 
 
+def format_vmodel(vmodel_id: str, info: model_mesh_pb2.VModelStatusInfo) -> str:
+    """``ID: STATE -> ACTIVE (its state)``, plus the target while the vmodel moves to it."""
+    state = model_mesh_pb2.VModelStatusInfo.VModelStatus.Name(info.status) \
+        if info.status in model_mesh_pb2.VModelStatusInfo.VModelStatus.values() else f"UNKNOWN({info.status})"
+    if info.status == model_mesh_pb2.VModelStatusInfo.NOT_FOUND:
+        return f"{vmodel_id}: NOT_FOUND"
+    line = f"{vmodel_id}: {state} -> {info.activeModelId} ({_status_name(info.activeModelStatus.status)})"
+    if info.targetModelId and info.targetModelId != info.activeModelId:
+        line += f", moving to {info.targetModelId} ({_status_name(info.targetModelStatus.status)})"
+        errors = "; ".join(info.targetModelStatus.errors)
+        if errors:
+            line += f": {_one_line(errors)}"
+    if info.owner:
+        line += f" [owner {info.owner}]"
+    return line
+
+
+def _vmodel_exit_code(info: model_mesh_pb2.VModelStatusInfo) -> int:
+    failed = (model_mesh_pb2.VModelStatusInfo.NOT_FOUND, model_mesh_pb2.VModelStatusInfo.TRANSITION_FAILED)
+    return EXIT_FAILED if info.status in failed else EXIT_OK
+
+
+async def _cmd_vmodel_set(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
+    request = model_mesh_pb2.SetVModelRequest(
+        vModelId=args.vmodel_id, targetModelId=args.model_id, owner=args.owner or "",
+        updateOnly=args.update_only, autoDeleteTargetModel=args.auto_delete, loadNow=args.load_now,
+        force=args.force, sync=args.sync, expectedTargetModelId=args.expect or "",
+    )
+    if args.path is not None:
+        request.modelInfo.CopyFrom(model_mesh_pb2.ModelInfo(
+            type=args.type, path=absolute_model_path(args.path), key=args.key or ""))
+    reply = await model_mesh_pb2_grpc.ModelMeshStub(channel).setVModel(request, timeout=args.timeout)
+    print(format_vmodel(args.vmodel_id, reply))
+    return _vmodel_exit_code(reply) if args.sync else EXIT_OK
+
+
+async def _cmd_vmodel_status(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
+    request = model_mesh_pb2.GetVModelStatusRequest(vModelId=args.vmodel_id, owner=args.owner or "")
+    reply = await model_mesh_pb2_grpc.ModelMeshStub(channel).getVModelStatus(request, timeout=args.timeout)
+    print(format_vmodel(args.vmodel_id, reply))
+    return _vmodel_exit_code(reply)
+
+
+async def _cmd_vmodel_delete(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
+    request = model_mesh_pb2.DeleteVModelRequest(vModelId=args.vmodel_id, owner=args.owner or "")
+    await model_mesh_pb2_grpc.ModelMeshStub(channel).deleteVModel(request, timeout=args.timeout)
+    print(f"{args.vmodel_id}: deleted")
+    return EXIT_OK
+
+
 async def _cmd_list(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
     request = grpc_predict_v2_pb2.RepositoryIndexRequest(ready=args.ready)
     stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -769,6 +819,34 @@ def add_models_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     list_ = command("list", _cmd_list, "list registered models with their state (RepositoryIndex)")
     list_.add_argument("--ready", action="store_true", help="only models ready to serve")
     list_.add_argument("--json", action="store_true", help="JSON lines {id, state, reason} instead of a table")
+
+    vset = command("vmodel-set", _cmd_vmodel_set,
+                   "point a vmodel (a stable name) at a model, creating it or moving it (setVModel)")
+    vset.add_argument("vmodel_id", metavar="VMODEL")
+    vset.add_argument("model_id", metavar="MODEL", help="the target model")
+    vset.add_argument("--path", metavar="PATH", help="register the target model too, from here; " + path_help)
+    vset.add_argument("--type", default=DEFAULT_MODEL_TYPE, help="its type, with --path (default onnx)")
+    vset.add_argument("--key", help="opaque key passed to the runtime, with --path")
+    vset.add_argument("--auto-delete", action="store_true",
+                      help="with --path: unregister the model once no vmodel refers to it")
+    vset.add_argument("--owner", help="the vmodel's owner: it can then be changed only under this owner")
+    vset.add_argument("--expect", metavar="MODEL", help="change it only if its target is this model now")
+    vset.add_argument("--update-only", action="store_true", help="fail if the vmodel does not exist")
+    vset.add_argument("--load-now", action="store_true", help="load the target right away")
+    vset.add_argument("--force", action="store_true",
+                      help="make the target active at once, not once it is loaded")
+    vset.add_argument("--sync", action="store_true",
+                      help="wait until the move (or the load, with --load-now) is done; exit 1 if it failed")
+
+    vstatus = command("vmodel-status", _cmd_vmodel_status,
+                      "show a vmodel's active and target models; exit 1 if not found or its move failed")
+    vstatus.add_argument("vmodel_id", metavar="VMODEL")
+    vstatus.add_argument("--owner", help="only if it has this owner")
+
+    vdelete = command("vmodel-delete", _cmd_vmodel_delete,
+                      "delete a vmodel, and its auto-delete models no other vmodel uses; a no-op if absent")
+    vdelete.add_argument("vmodel_id", metavar="VMODEL")
+    vdelete.add_argument("--owner", help="only if it has this owner")
 
     bulk = command(
         "register-bulk",

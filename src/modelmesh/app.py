@@ -32,6 +32,7 @@ from modelmesh.errors import MeshError, RuntimeUnavailable
 from modelmesh.kv.base import KVStore
 from modelmesh.kv.memory import MemoryStore
 from modelmesh.mesh import Mesh
+from modelmesh.vmodels import VModels
 from modelmesh.metrics import MeshMetrics
 from modelmesh.placement.load import parse_type_constraints
 from modelmesh.registry import Registry
@@ -212,11 +213,15 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         )
         mesh.start(status)
         closers.append(lambda _g: mesh.close())
+        vmodels = VModels(store, settings.key_root, mesh, clock)
+        await vmodels.start()
+        mesh.aliases = vmodels
+        closers.append(lambda _g: vmodels.close())
 
         health_servicer = health.aio.HealthServicer()
         serving = {"ready": False}
         server = build_server(
-            management_servicer=management.ManagementServicer(mesh),
+            management_servicer=management.ManagementServicer(mesh, vmodels),
             bulk_servicer=bulk.BulkRegistrationServicer(mesh),
             data_plane=dataplane.DataPlane(mesh, metrics, clock, ready=lambda: serving["ready"]),
             health_servicer=health_servicer,
@@ -245,7 +250,8 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         dynamic = DynamicConfig(store, settings.key_root, scaleup_rpm_threshold=settings.scaleup_rpm_threshold)
         await dynamic.start()
         closers.append(lambda _g: dynamic.close())
-        keeper = CopyKeeper(mesh, clock, threshold_rpm=dynamic.scaleup_rpm_threshold)
+        keeper = CopyKeeper(mesh, clock, threshold_rpm=dynamic.scaleup_rpm_threshold,
+                            leader_chores=(vmodels.advance_all,))
         keeper.start()
         closers.append(lambda _g: keeper.close())
 

@@ -10,6 +10,7 @@ code in a single table, so a new error needs one line there and nowhere else.
     ├── CapacityExhausted        RESOURCE_EXHAUSTED  no room for the model, or it is larger than capacity
     ├── RequestTooLarge          RESOURCE_EXHAUSTED  message over the size limit
     ├── ModelLoadFailed          FAILED_PRECONDITION the model failed to load; retried after a while
+    ├── PreconditionFailed       FAILED_PRECONDITION a conditional change whose condition does not hold
     ├── Conflict                 ABORTED             a compare-and-set lost a race too many times
     ├── Unavailable              UNAVAILABLE
     │   ├── StoreUnavailable                         the registry store cannot be reached
@@ -53,6 +54,10 @@ class RequestTooLarge(MeshError):
 
 
 class ModelLoadFailed(MeshError):
+    pass
+
+
+class PreconditionFailed(MeshError):
     pass
 
 

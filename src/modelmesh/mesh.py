@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from typing import Protocol
 
 from cachetools import TTLCache
 from tenacity import (
@@ -118,6 +119,16 @@ def validate_model_id(model_id: str) -> None:
         raise InvalidRequest("model id must not contain control characters")
 
 
+class Aliases(Protocol):
+    """Names that stand for a model (vmodels, ``vmodels.VModels``), as the request path sees them."""
+
+    def active(self, vmodel_id: str) -> str | None:
+        """The model a vmodel id serves now, from the pod's view; None when it is no vmodel."""
+
+    async def fetch(self, vmodel_id: str) -> None:
+        """Read the vmodel from the store into the view."""
+
+
 class Mesh:
     def __init__(
         self,
@@ -155,7 +166,9 @@ class Mesh:
         # every rate period): while they do, eviction ranks by long-term use
         self.popularity = PopularityFit()
         # ids recently looked up in the store and not found there (see _read_through)
-        self._unknown: TTLCache[str, bool] = TTLCache(maxsize=10_000, ttl=1.0, timer=clock.monotonic)
+        self._unknown: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=10_000, ttl=1.0, timer=clock.monotonic)
+        # vmodels, when the app has them (set after construction: VModels needs the mesh)
+        self.aliases: Aliases | None = None
         self._copies: dict[str, LocalCopy] = {}
         self._loads: dict[str, asyncio.Task[LocalCopy]] = {}
         self._unloads: dict[str, asyncio.Task[None]] = {}
@@ -218,7 +231,14 @@ class Mesh:
     # ------------------------------------------------------------------ data plane
 
     def resolve(self, target: RouteTarget) -> str:
-        """The concrete model id a request is for; ModelNotFound when nothing matches."""
+        """The concrete model id a request is for: a vmodel's active model (header
+        ``mm-vmodel-id``, or a ``model_name`` that is a vmodel id), else the model id itself;
+        ModelNotFound when nothing matches."""
+        active = self.aliases.active(target.id) if target.kind != "model" and self.aliases is not None else None
+        if active is not None:
+            if self._registry.cached(active) is None:
+                raise ModelNotFound(f"vmodel '{target.id}' serves model '{active}', which is not registered")
+            return active
         if target.kind == "vmodel":
             raise ModelNotFound(f"vmodel '{target.id}' not found")
         if self._registry.cached(target.id) is None:
@@ -246,9 +266,11 @@ class Mesh:
         room is excluded and the next choice tried, at most MAX_ROUTE_ATTEMPTS pods in all.
         """
         self.requests.hit()
-        if target.kind != "vmodel" and self._registry.cached(target.id) is None:
-            await self._read_through(target.id)
-        model_id = self.resolve(target)
+        try:
+            model_id = self.resolve(target)
+        except ModelNotFound:
+            await self._read_through(target)
+            model_id = self.resolve(target)
         if forwarded and method == MODEL_METADATA_METHOD:
             ahead = _load_ahead_of(metadata)
             if ahead is not None:
@@ -277,19 +299,35 @@ class Mesh:
         assert last_error is not None
         raise last_error
 
-    async def _read_through(self, model_id: str) -> None:
-        """A model this pod's view does not know may have been registered through another pod a
-        moment ago (the watch has not brought it yet): ask the store once. Ids found missing are
-        remembered for a second, so requests for unknown models cannot turn into store traffic."""
-        if model_id in self._unknown:
+    async def _read_through(self, target: RouteTarget) -> None:
+        """A model or vmodel this pod's views do not know may have been registered through another
+        pod a moment ago (the watch has not brought it yet): ask the store once. Ids found missing
+        are remembered for a second, so requests for unknown names cannot turn into store traffic."""
+        aliases = self.aliases if target.kind != "model" else None
+        if aliases is not None and aliases.active(target.id) is None:
+            await self._fetch_once("vmodel", target.id)
+        active = aliases.active(target.id) if aliases is not None else None
+        model_id = active or (None if target.kind == "vmodel" else target.id)
+        if model_id is not None and self._registry.cached(model_id) is None:
+            await self._fetch_once("model", model_id)
+
+    async def _fetch_once(self, kind: str, name: str) -> None:
+        """Read one model or vmodel record into its view, unless it was found missing in the last
+        second."""
+        if (kind, name) in self._unknown:
             return
         try:
-            found = await self._registry.get(model_id)
+            if kind == "vmodel":
+                assert self.aliases is not None
+                await self.aliases.fetch(name)
+                found = self.aliases.active(name) is not None
+            else:
+                found = await self._registry.get(name) is not None
         except Unavailable as err:
-            log.debug("read-through for '%s' failed: %s", model_id, err)
-            found = None
-        if found is None:
-            self._unknown[model_id] = True
+            log.debug("read-through for %s '%s' failed: %s", kind, name, err)
+            found = False
+        if not found:
+            self._unknown[(kind, name)] = True
 
     def _choose_pod(
         self, model_id: str, excluded: set[str], prefer_local: bool, last_error: MeshError | None
@@ -998,6 +1036,32 @@ class Mesh:
             # the record just written is the state: no store read needed to report it
             return self._status_of(model_id, record)
         return await self.status(model_id)
+
+    async def register_for_vmodel(self, model_id: str, info: ModelInfo, *, auto_delete: bool) -> bool:
+        """Register a vmodel's target (setVModel with modelInfo): True when this call created the
+        record; a model registered already with the same info is used as it is (its auto-delete
+        flag unchanged, as in ModelMesh), with other info it is ALREADY_EXISTS."""
+        validate_model_id(model_id)
+        if not info.type:
+            raise InvalidRequest("model info needs a type (for example 'onnx')")
+        now = self._clock.now_ms()
+        record = ModelRecord(info=info, registered_ms=now, last_used_ms=now, auto_delete=auto_delete)
+        if await self._registry.create(model_id, record):
+            return True
+        existing = await self._registry.get(model_id)
+        if existing is None:  # unregistered in between: try once more
+            return await self._registry.create(model_id, record)
+        if existing.record.info != info:
+            raise ModelExists(
+                f"target model '{model_id}' is already registered with different info "
+                f"(type={existing.record.info.type!r}, path={existing.record.info.path!r})"
+            )
+        return False
+
+    async def fetch_record(self, model_id: str) -> ModelRecord | None:
+        """The model's record as the store has it now (management path)."""
+        versioned = await self._registry.get(model_id)
+        return None if versioned is None else versioned.record
 
     async def unregister(self, model_id: str) -> None:
         """Remove the model's record and unload it here; unknown ids are a no-op."""

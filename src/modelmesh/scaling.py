@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from modelmesh.clock import Clock
 from modelmesh.errors import MeshError
@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 class CopyKeeper:
     def __init__(
         self, mesh: Mesh, clock: Clock, *, threshold_rpm: Callable[[], float],
-        period_ms: int = RATE_PERIOD_MS,
+        period_ms: int = RATE_PERIOD_MS, leader_chores: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         self._mesh = mesh
+        # more chores of the elected pod, run after the copy chores (vmodel transitions)
+        self._more_chores = tuple(leader_chores)
         self._clock = clock
         self._threshold = threshold_rpm
         self._period_ms = period_ms
@@ -171,3 +173,8 @@ class CopyKeeper:
                     self._mesh.ensure_min_copies(model_id)
                 except MeshError as err:
                     log.warning("could not keep the minimum copies of '%s': %s", model_id, err)
+        for chore in self._more_chores:
+            try:
+                await chore()
+            except MeshError as err:
+                log.warning("leader chore %s failed: %s", getattr(chore, "__qualname__", chore), err)

@@ -57,6 +57,32 @@ def test_demo_models_bulk_register_list_status_unregister(tmp_path):
         assert pod.stop() == 0, pod.log()
 
 
+def test_vmodel_commands_create_move_show_and_delete(tmp_path):
+    models = tmp_path / "models"
+    modelmesh("demo-models", "--count", "2", str(models))
+    pod = start_pod(tmp_path, "--capacity", str(50_000_000))
+    try:
+        ep = ["--endpoint", pod.address]
+        created = modelmesh("models", "vmodel-set", "isvc", "demo-0000", "--path", str(models / "demo-0000.onnx"),
+                            "--auto-delete", "--owner", "team", "--load-now", "--sync", *ep).stdout
+        assert created.strip() == "isvc: DEFINED -> demo-0000 (LOADED) [owner team]"
+        moved = modelmesh("models", "vmodel-set", "isvc", "demo-0001", "--path", str(models / "demo-0001.onnx"),
+                          "--auto-delete", "--expect", "demo-0000", "--sync", *ep).stdout
+        assert moved.strip() == "isvc: DEFINED -> demo-0001 (LOADED) [owner team]"
+        # the first model went with the move (auto-delete)
+        assert modelmesh("models", "status", "demo-0000", *ep, check=False).returncode == 1
+        stale = modelmesh("models", "vmodel-set", "isvc", "demo-0001", "--expect", "demo-0000",
+                          "--owner", "other", *ep, check=False)
+        assert stale.returncode == 1 and "ALREADY_EXISTS" in stale.stderr
+        assert "DEFINED -> demo-0001" in modelmesh("models", "vmodel-status", "isvc", *ep).stdout
+        modelmesh("models", "vmodel-delete", "isvc", "--owner", "team", *ep)
+        gone = modelmesh("models", "vmodel-status", "isvc", *ep, check=False)
+        assert gone.returncode == 1 and gone.stdout.strip() == "isvc: NOT_FOUND"
+        assert modelmesh("models", "status", "demo-0001", *ep, check=False).returncode == 1
+    finally:
+        assert pod.stop() == 0, pod.log()
+
+
 def test_unreachable_pod_is_a_clear_error():
     result = modelmesh("models", "list", "--endpoint", "unix:/nonexistent/modelmesh.sock", "--timeout", "2",
                        check=False)

@@ -281,3 +281,41 @@ def test_a_pod_stopping_moves_its_models_in_use_to_another_pod_first(tmp_path, e
     finally:
         for p in pods:
             p.stop()
+
+
+def test_a_vmodel_set_through_one_pod_is_served_and_moved_through_the_other(tmp_path, etcd):
+    paths = write_demo_models(tmp_path / "models", 2, F)
+    pods = start_cluster(tmp_path, etcd, n=2)
+    try:
+        stubs = [mgrpc.ModelMeshStub(grpc.insecure_channel(p.address)) for p in pods]
+        info = [mpb.ModelInfo(type="onnx", path=str(p)) for p in paths]
+        status = stubs[0].setVModel(mpb.SetVModelRequest(
+            vModelId="isvc", targetModelId=demo_model_id(0), modelInfo=info[0], autoDeleteTargetModel=True,
+            loadNow=True, sync=True), timeout=30)
+        assert status.activeModelStatus.status == mpb.ModelStatusInfo.LOADED
+        clients = [tc.InferenceServerClient(p.address) for p in pods]
+        try:
+            # at once through the other pod, by the vmodel's name: its view may be a moment behind
+            check_infer(clients[1], 0, model_id="isvc")
+            # moved through the other pod, without waiting: the pod that set it drives the move
+            status = stubs[1].setVModel(mpb.SetVModelRequest(
+                vModelId="isvc", targetModelId=demo_model_id(1), modelInfo=info[1], autoDeleteTargetModel=True),
+                timeout=30)
+            assert status.status in (mpb.VModelStatusInfo.TRANSITIONING, mpb.VModelStatusInfo.DEFINED)
+
+            def moved() -> bool:
+                got = stubs[0].getVModelStatus(mpb.GetVModelStatusRequest(vModelId="isvc"), timeout=10)
+                return got.status == mpb.VModelStatusInfo.DEFINED and got.activeModelId == demo_model_id(1)
+
+            wait_for(moved, 30, "the vmodel to move to the second model")
+            check_infer(clients[0], 1, model_id="isvc")
+            check_infer(clients[1], 1, model_id="isvc")
+            wait_for(lambda: stubs[0].getModelStatus(mpb.GetStatusRequest(modelId=demo_model_id(0)), timeout=10)
+                     .status == mpb.ModelStatusInfo.NOT_FOUND, 10, "the first model's auto-deletion")
+        finally:
+            for c in clients:
+                c.close()
+    finally:
+        for p in pods:
+            assert p.stop() == 0, p.log()
+            assert "Traceback" not in p.log(), p.log()

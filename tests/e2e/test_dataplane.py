@@ -139,13 +139,13 @@ def test_repository_load_and_unload(pod):
         client.close()
 
 
-def test_server_metadata_and_unimplemented(pod):
+def test_server_metadata_and_unknown_methods(pod):
     with grpc.insecure_channel(pod.address) as ch:
         stub = pbgrpc.GRPCInferenceServiceStub(ch)
         meta = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
         assert meta.name == "modelmesh" and "model_repository" in meta.extensions
         with pytest.raises(grpc.RpcError) as err:
-            mgrpc.ModelMeshStub(ch).setVModel(mpb.SetVModelRequest(vModelId="v"), timeout=10)
+            ch.unary_unary("/mmesh.ModelMesh/ensureVModelLoaded")(b"", timeout=10)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

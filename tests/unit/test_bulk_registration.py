@@ -28,6 +28,7 @@ from modelmesh.proto import model_mesh_pb2 as mpb
 from modelmesh.proto import model_mesh_pb2_grpc
 from modelmesh.registry import Registry
 from modelmesh.types import ModelInfo
+from modelmesh.vmodels import VModels
 from tests.fakes import FakeRuntime
 
 Capsys = pytest.CaptureFixture[str]
@@ -55,7 +56,7 @@ async def pod() -> AsyncIterator[Pod]:
                 load_failure_expiry_ms=60_000)
     mesh.start(await runtime.status())
     server = build_server(
-        management_servicer=management.ManagementServicer(mesh),
+        management_servicer=management.ManagementServicer(mesh, VModels(store, "mm/test", mesh, clock)),
         bulk_servicer=bulk.BulkRegistrationServicer(mesh, in_flight=IN_FLIGHT),
         data_plane=dataplane.DataPlane(mesh, metrics, clock, ready=lambda: True),
         health_servicer=health.aio.HealthServicer(),

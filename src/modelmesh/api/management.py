@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from modelmesh.errors import NotImplementedYet
 from modelmesh.mesh import Mesh
 from modelmesh.proto import model_mesh_pb2 as mpb
 from modelmesh.types import ModelInfo, ModelStatus, PlacementPolicy
+from modelmesh.vmodels import VModels, VModelStatus
 
 SERVICE = "mmesh.ModelMesh"
 
@@ -21,6 +21,16 @@ def status_info(status: ModelStatus) -> mpb.ModelStatusInfo:
             for c in status.copies
         ],
     )
+
+
+def vmodel_status_info(status: VModelStatus) -> mpb.VModelStatusInfo:
+    info = mpb.VModelStatusInfo(status=int(status.state), activeModelId=status.active,
+                                targetModelId=status.target, owner=status.owner)
+    if status.active_status is not None:
+        info.activeModelStatus.CopyFrom(status_info(status.active_status))
+    if status.target_status is not None:
+        info.targetModelStatus.CopyFrom(status_info(status.target_status))
+    return info
 
 
 async def register(mesh: Mesh, request: mpb.RegisterModelRequest) -> mpb.ModelStatusInfo:
@@ -38,8 +48,9 @@ async def register(mesh: Mesh, request: mpb.RegisterModelRequest) -> mpb.ModelSt
 class ManagementServicer:
     """Method names are the RPC names of ``mmesh.ModelMesh``."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, vmodels: VModels) -> None:
         self._mesh = mesh
+        self._vmodels = vmodels
 
     async def registerModel(self, request: mpb.RegisterModelRequest, context: grpc.aio.ServicerContext) -> mpb.ModelStatusInfo:
         return await register(self._mesh, request)
@@ -58,10 +69,19 @@ class ManagementServicer:
         return status_info(status)
 
     async def setVModel(self, request: mpb.SetVModelRequest, context: grpc.aio.ServicerContext) -> mpb.VModelStatusInfo:
-        raise NotImplementedYet("vmodels are not supported yet")
+        info = None
+        if request.HasField("modelInfo") and request.modelInfo != mpb.ModelInfo():
+            info = ModelInfo(request.modelInfo.type, request.modelInfo.path, request.modelInfo.key)
+        status = await self._vmodels.set(
+            request.vModelId, request.targetModelId, owner=request.owner, update_only=request.updateOnly,
+            info=info, auto_delete=request.autoDeleteTargetModel, load_now=request.loadNow, force=request.force,
+            sync=request.sync, expected_target=request.expectedTargetModelId,
+        )
+        return vmodel_status_info(status)
 
     async def deleteVModel(self, request: mpb.DeleteVModelRequest, context: grpc.aio.ServicerContext) -> mpb.DeleteVModelResponse:
-        raise NotImplementedYet("vmodels are not supported yet")
+        await self._vmodels.delete(request.vModelId, request.owner)
+        return mpb.DeleteVModelResponse()
 
     async def getVModelStatus(self, request: mpb.GetVModelStatusRequest, context: grpc.aio.ServicerContext) -> mpb.VModelStatusInfo:
-        raise NotImplementedYet("vmodels are not supported yet")
+        return vmodel_status_info(await self._vmodels.status(request.vModelId, request.owner))

@@ -25,6 +25,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.CapacityExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.ModelLoadFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Conflict, grpc.StatusCode.ABORTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.NotImplementedYet, grpc.StatusCode.UNIMPLEMENTED),
