@@ -94,13 +94,24 @@ class Registry:
         self, model_id: str, change: Callable[[ModelRecord], ModelRecord | None]
     ) -> ModelRecord:
         """Read-modify-write with compare-and-set, retried on conflicts. ``change`` gets a fresh
-        copy and returns the new record, or None to leave it as it is."""
+        copy and returns the new record, or None to leave it as it is.
+
+        The first attempt starts from the view's record and revision, not a store read: the
+        compare-and-set fails if the store has moved on, and only then is the record read. A
+        ``change`` that finds nothing to do is asked again on a fresh read (the view may be behind),
+        so a write is never skipped on the view's word. This halves the store calls of a pod's copy
+        changes (one Txn, not a Range and a Txn)."""
+        from_view = True
         for _ in range(_CAS_ATTEMPTS):
-            current = await self.get(model_id)
+            cached = self.view.versioned(model_id) if from_view else None
+            from_view = False
+            current = VersionedRecord(cached.value, cached.revision) if cached is not None else await self.get(model_id)
             if current is None:
                 raise ModelNotFound(f"model '{model_id}' is not registered")
             updated = change(ModelRecord.from_json(current.record.to_json()))
             if updated is None:
+                if cached is not None:
+                    continue  # decided on the view's copy: decide again on the store's
                 return current.record
             try:
                 revision = await self._store.put(
