@@ -18,6 +18,9 @@ from modelmesh.runtime.base import Forwarder, Metadata
 
 log = logging.getLogger(__name__)
 
+# how long a departed (or moved) pod's client stays open for the requests already on it
+CLOSE_GRACE_S = 30.0
+
 
 class Peers:
     def __init__(self, factory: Callable[[str], Forwarder] | None, *, this_instance: str) -> None:
@@ -25,7 +28,8 @@ class Peers:
         self._this = this_instance
         self._clients: dict[str, tuple[str, Forwarder]] = {}
         self._in_flight: dict[str, int] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        # clients closing after their grace period, by the task closing each
+        self._closing: dict[asyncio.Task[None], Forwarder] = {}
 
     def in_flight(self, instance_id: str) -> int:
         return self._in_flight.get(instance_id, 0)
@@ -54,22 +58,24 @@ class Peers:
                 del self._in_flight[instance_id]
 
     def forget(self, instance_id: str) -> None:
-        """The pod left the cluster: close its client (requests on it finish or fail first)."""
+        """The pod left the cluster: close its client once the requests on it have finished or
+        failed (up to ``CLOSE_GRACE_S``)."""
         known = self._clients.pop(instance_id, None)
         if known is not None:
             self._close_later(known[1])
 
     def _close_later(self, client: Forwarder) -> None:
-        task = asyncio.create_task(client.close(), name="close-peer")
-        self._closing.add(task)
+        task = asyncio.create_task(client.close(CLOSE_GRACE_S), name="close-peer")
+        self._closing[task] = client
         task.add_done_callback(self._closed)
 
     def _closed(self, task: asyncio.Task[None]) -> None:
-        self._closing.discard(task)
+        self._closing.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.warning("closing a peer's client failed: %s", task.exception())
 
     async def close(self) -> None:
-        clients = [client for _, client in self._clients.values()]
+        """Close every client now, those still in their grace period too."""
+        clients = [client for _, client in self._clients.values()] + list(self._closing.values())
         self._clients.clear()
         await asyncio.gather(*(c.close() for c in clients), *self._closing, return_exceptions=True)

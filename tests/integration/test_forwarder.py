@@ -1,12 +1,13 @@
 """``runtime.grpc_client.GrpcForwarder`` (the pod-to-pod hop and the runtime's data plane) against a
 real gRPC server on loopback: what each failure becomes.
 
-The server echoes the request body, or answers ``mm-answer-bytes`` zero bytes, or aborts with the
-status named in ``mm-abort`` (code) and ``mm-abort-details``.
+The server echoes the request body (after ``mm-sleep`` seconds), or answers ``mm-answer-bytes`` zero
+bytes, or aborts with the status named in ``mm-abort`` (code) and ``mm-abort-details``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,6 +15,7 @@ import pytest
 
 from modelmesh.api.status import status_for
 from modelmesh.errors import RequestTooLarge, RuntimeUnavailable, UpstreamError
+from modelmesh.peers import Peers
 from modelmesh.runtime.grpc_client import PeerClient
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -22,6 +24,8 @@ LIMIT = 64 * 1024
 
 async def handle(body: bytes, context: grpc.aio.ServicerContext) -> bytes:
     md = dict(context.invocation_metadata() or ())
+    if "mm-sleep" in md:
+        await asyncio.sleep(float(md["mm-sleep"]))
     if "mm-abort" in md:
         await context.abort(grpc.StatusCode[md["mm-abort"]], md.get("mm-abort-details", ""))
     if "mm-answer-bytes" in md:
@@ -96,3 +100,33 @@ async def test_a_pod_that_is_not_there_is_unavailable() -> None:
             await client.invoke(METHOD, b"q", [], 5)
     finally:
         await client.close()
+
+
+async def test_a_channel_closed_under_a_request_is_unavailable_not_cancelled(peer: PeerClient) -> None:
+    # a pod that leaves the cluster has its channel closed; grpc.aio cancels the calls on it, and
+    # the request (which did not fail there) must be free to go to another pod
+    call = asyncio.create_task(peer.invoke(METHOD, b"q", [("mm-sleep", "5")], 10))
+    await asyncio.sleep(0.2)
+    await peer.close()
+    with pytest.raises(RuntimeUnavailable, match="channel closed while the request was in flight"):
+        await call
+    assert status_for(RuntimeUnavailable("x"))[0] is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_caller_that_gives_up_is_still_cancelled(peer: PeerClient) -> None:
+    call = asyncio.create_task(peer.invoke(METHOD, b"q", [("mm-sleep", "5")], 10))
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+async def test_a_departed_pods_client_lets_the_requests_on_it_finish(server: str) -> None:
+    peers = Peers(lambda endpoint: PeerClient(endpoint, LIMIT), this_instance="pod-a")
+    try:
+        call = asyncio.create_task(peers.invoke("pod-b", server, METHOD, b"late", [("mm-sleep", "0.5")], 10))
+        await asyncio.sleep(0.2)
+        peers.forget("pod-b")  # it left the cluster while the request was on its way back
+        assert await call == b"late"
+    finally:
+        await peers.close()

@@ -46,7 +46,7 @@ class InProcessPeer:
             code, message = status_for(err)
             raise UpstreamError(code.name, message) from err
 
-    async def close(self):
+    async def close(self, grace_s=None):
         pass
 
 

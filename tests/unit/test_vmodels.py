@@ -15,7 +15,8 @@ from tests.unit.test_mesh_cluster import INFER, register, start_pods, stop_pods,
 
 @pytest.fixture
 async def pods():
-    started = await start_pods()
+    # leases longer than any clock jump here (a jump past the TTL would expire every pod)
+    started = await start_pods(lease_ttl_s=24 * 3600)
     for pod in started.values():
         pod.vmodels = VModels(pod.store, "mm/t", pod.mesh, pod.clock)
         await pod.vmodels.start()

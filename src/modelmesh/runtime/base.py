@@ -22,7 +22,8 @@ class Forwarder(Protocol):
         self, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
     ) -> bytes: ...
 
-    async def close(self) -> None: ...
+    async def close(self, grace_s: float | None = None) -> None:
+        """Close; with ``grace_s`` the requests in flight get that long to finish first."""
 
 
 class ModelRuntimeClient(Protocol):

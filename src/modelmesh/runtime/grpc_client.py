@@ -49,8 +49,8 @@ class GrpcForwarder:
         )
         self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
 
-    async def close(self) -> None:
-        await self._channel.close()
+    async def close(self, grace_s: float | None = None) -> None:
+        await self._channel.close(grace_s)
 
     async def invoke(
         self, method: str, body: bytes, metadata: Metadata, timeout_s: float | None
@@ -61,6 +61,14 @@ class GrpcForwarder:
             call = self._callables[method] = self._channel.unary_unary(method)
         try:
             return await call(body, metadata=metadata, timeout=timeout_s)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # our caller gave up
+            # grpc.aio cancels the calls of a channel that closes under them (a pod that left
+            # the cluster): the request did not fail there, so it may be sent to another pod
+            raise RuntimeUnavailable(f"{self.what} at {self.target} is unavailable: "
+                                     "its channel closed while the request was in flight") from None
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE:
                 raise RuntimeUnavailable(f"{self.what} at {self.target} is unavailable: {err.details()}") from err
