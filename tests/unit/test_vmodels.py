@@ -215,3 +215,21 @@ async def test_a_target_replaced_before_it_took_over_is_collected(pods):
         pod.runtime.gate.set()
     await until(lambda: a.vmodels.active("v") == "m3", "the move to m3")
     assert a.mesh.record("m1") is not None  # registered without auto-delete
+
+
+async def test_a_move_whose_pod_went_away_is_finished_by_the_elected_pod(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await a.vmodels.set("v", "m1", info=info("m1"))
+    await infer_vmodel(a, "v")
+    for pod in pods.values():
+        pod.runtime.gate = asyncio.Event()
+    await a.vmodels.set("v", "m2", info=info("m2"))
+    await a.vmodels.close()  # a stops before the move is done: its task goes with it
+    for pod in pods.values():
+        pod.runtime.gate.set()
+    await until(lambda: all(p.mesh.cached_status("m2").state is not ModelState.LOADING for p in (b, c)),
+                "the load a started to end")
+    assert b.vmodels.active("v") == "m1"  # nobody promoted it
+    await b.vmodels.advance_all()  # the elected pod's round (any pod may run it)
+    await until(lambda: c.vmodels.active("v") == "m2", "the elected pod to finish the move")
+    assert await infer_vmodel(c, "v") == b"x|m2"
