@@ -33,7 +33,7 @@ from modelmesh.kv.base import KVStore
 from modelmesh.kv.memory import MemoryStore
 from modelmesh.mesh import Mesh
 from modelmesh.vmodels import VModels
-from modelmesh.metrics import MeshMetrics
+from modelmesh.metrics import MeshMetrics, TopModels
 from modelmesh.placement.load import parse_type_constraints
 from modelmesh.registry import Registry
 from modelmesh.runtime.grpc_client import GrpcRuntimeClient, PeerClient
@@ -212,6 +212,8 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
             churn_guard_ms=settings.churn_guard_ms,
         )
         mesh.start(status)
+        if settings.per_model_metrics:
+            metrics_registry.register(TopModels(mesh.model_figures, settings.per_model_metrics))
         closers.append(lambda _g: mesh.close())
         vmodels = VModels(store, settings.key_root, mesh, clock)
         await vmodels.start()

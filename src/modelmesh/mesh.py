@@ -54,7 +54,7 @@ from modelmesh.localcopy import (
     without_copies,
     without_copy,
 )
-from modelmesh.metrics import MeshMetrics
+from modelmesh.metrics import MeshMetrics, ModelFigures
 from modelmesh.peers import Peers
 from modelmesh.placement.copies import choose_new_copy_pods
 from modelmesh.placement.eviction import (
@@ -1157,6 +1157,18 @@ class Mesh:
 
     def loaded_count(self) -> int:
         return sum(1 for c in self._copies.values() if c.state is CopyState.LOADED)
+
+    def model_figures(self) -> list[ModelFigures]:
+        """Each copy loaded here, for the per-model gauges (``metrics.TopModels``)."""
+        now = self._clock.now_ms()
+        figures = []
+        for c in self._copies.values():
+            if c.state is not CopyState.LOADED:
+                continue
+            record = self._registry.cached(c.model_id)
+            figures.append(ModelFigures(c.model_id, c.rate.minute_rpm(now) + c.requests, c.size_bytes,
+                                        len(record.copies) if record is not None else 1))
+        return figures
 
     def _lru_ms(self) -> int:
         return min((c.last_used_ms for c in self._copies.values()), default=self._clock.now_ms())

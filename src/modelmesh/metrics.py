@@ -3,12 +3,21 @@
 Metrics live on a ``CollectorRegistry`` handed in by the composition root, never on the global
 one, so each test builds its own. Counts of timed events come from the histograms' ``_count``
 (as in ModelMesh, where e.g. ``modelmesh_loadmodel`` is exported as
-``modelmesh_loadmodel_milliseconds``); per-model labels are left out on purpose (cardinality).
+``modelmesh_loadmodel_milliseconds``); per-model labels are left out of these on purpose
+(cardinality). Per-model figures come from ``TopModels``, off unless asked for: gauges of the
+busiest N models of the pod, computed when scraped from what the pod tracks anyway, so they cost
+nothing per request and at most 3N series.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # milliseconds: from sub-millisecond hops to multi-minute loads
 _MS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
@@ -84,3 +93,43 @@ class MeshMetrics:
         self.popularity_steady = Gauge(
             "modelmesh_popularity_steady",
             "1 while the pod's popularity holds steady (eviction ranks by long-term use), else 0", registry=r)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFigures:
+    """One model copy of this pod, as the per-model gauges show it."""
+
+    model_id: str
+    requests_per_minute: float
+    size_bytes: int
+    copies: int  # copies in the cluster, as this pod's view of the model's record has them
+
+
+class TopModels(Collector):
+    """Per-model gauges (``modelId`` label) of the ``top`` models with the most requests in the last
+    minute on this pod (MM_PER_MODEL_METRICS). ``figures`` gives every copy the pod holds; it is
+    called at scrape time only."""
+
+    def __init__(self, figures: Callable[[], Iterable[ModelFigures]], top: int) -> None:
+        self._figures = figures
+        self._top = top
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rate = GaugeMetricFamily(
+            "modelmesh_model_requests_per_minute",
+            "Requests in the last minute to the model's copy in this pod (the pod's busiest models)",
+            labels=["modelId"])
+        size = GaugeMetricFamily(
+            "modelmesh_model_size_bytes", "Measured size of the model's copy in this pod", labels=["modelId"])
+        copies = GaugeMetricFamily(
+            "modelmesh_model_copies", "Copies of the model in the cluster", labels=["modelId"])
+        for f in heapq.nlargest(self._top, self._figures(), key=lambda f: (f.requests_per_minute, f.model_id)):
+            rate.add_metric([f.model_id], f.requests_per_minute)
+            size.add_metric([f.model_id], f.size_bytes)
+            copies.add_metric([f.model_id], f.copies)
+        yield rate
+        yield size
+        yield copies
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -89,6 +89,9 @@ class MeshSettings:
     # load on other pods before exiting; 0 skips it (MM_SHUTDOWN_REHOME_S). Keep the pod's
     # termination grace period above it.
     shutdown_rehome_s: float = 20.0
+    # per-model gauges for this pod's N busiest models (requests in the last minute, size, copies);
+    # 0 turns them off (MM_PER_MODEL_METRICS)
+    per_model_metrics: int = 0
     # try-it mode: write this many demo ONNX models to demo_dir and register them at start
     demo_models: int = 0
     demo_dir: str = "modelmesh-demo-models"
@@ -129,12 +132,15 @@ class MeshSettings:
             advertise_host=env.get("MM_ADVERTISE_ADDRESS") or None,
             instance_lease_ttl_s=float(env.get("MM_INSTANCE_LEASE_TTL_S", "20") or 20),
             shutdown_rehome_s=max(0.0, float(env.get("MM_SHUTDOWN_REHOME_S", "20") or 20)),
+            per_model_metrics=_int(env, "MM_PER_MODEL_METRICS", 0),
         )
         if env.get("MM_INSTANCE_ID"):
             base = replace(base, instance_id=env["MM_INSTANCE_ID"])
         settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if settings.runtime_mode not in ("process", "inprocess"):
             raise ValueError(f"MM_RUNTIME_MODE={settings.runtime_mode!r}: expected 'process' or 'inprocess'")
+        if settings.per_model_metrics < 0:
+            raise ValueError(f"MM_PER_MODEL_METRICS={settings.per_model_metrics}: expected 0 (off) or a count")
         if settings.event_loop not in EVENT_LOOPS:
             raise ValueError(f"MM_EVENT_LOOP={settings.event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
         return settings

@@ -1,5 +1,6 @@
 """vModels on a real pod (in-process ONNX runtime, single-node store), managed over the wire and
-served to tritonclient by the vmodel's name, as KServe's modelmesh-serving drives them."""
+served to tritonclient by the vmodel's name, as KServe's modelmesh-serving drives them; and the
+pod's per-model gauges (MM_PER_MODEL_METRICS=2), which follow the models the requests reach."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory):
-    pod = start_pod(tmp_path_factory.mktemp("pod"), "--capacity", str(1 << 28), "--runtime", "inprocess")
+    pod = start_pod(tmp_path_factory.mktemp("pod"), "--capacity", str(1 << 28), "--runtime", "inprocess",
+                    env={"MM_PER_MODEL_METRICS": "2"})
     yield pod
     assert pod.stop() == 0, pod.log()
     assert "Traceback" not in pod.log(), pod.log()
@@ -113,3 +115,16 @@ def test_an_unknown_vmodel_header_is_not_found(pod):
         client.infer("whatever", [tc.InferInput("x", [1, FEATURES], "FP32")],
                      headers={"mm-vmodel-id": "no-such-vmodel"})
     assert "vmodel 'no-such-vmodel' not found" in str(caught.value)
+
+
+def test_per_model_gauges_name_the_busiest_models(pod, stub, models_dir):
+    for name, index, requests in (("busy", 2, 3), ("quiet", 3, 1)):
+        stub.registerModel(mpb.RegisterModelRequest(modelId=name, modelInfo=model_info(models_dir, index)))
+        for _ in range(requests):
+            assert served_index(pod, name) == index
+    metrics = pod.metrics()
+    rates = {k: v for k, v in metrics.items() if k.startswith("modelmesh_model_requests_per_minute{")}
+    assert rates == {'modelmesh_model_requests_per_minute{modelId="busy"}': 3.0,
+                     'modelmesh_model_requests_per_minute{modelId="quiet"}': 1.0}
+    assert metrics['modelmesh_model_size_bytes{modelId="busy"}'] > 0
+    assert metrics['modelmesh_model_copies{modelId="busy"}'] == 1

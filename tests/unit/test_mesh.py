@@ -434,3 +434,30 @@ async def test_requests_not_yet_folded_count_for_eviction(parts):
     cache = [mesh._cached(c) for c in mesh.loaded_copies()]
     assert {c.model_id: c.request_rate_rpm for c in cache} == {"old": 3, "new": 20}
     assert choose_evictions(cache, mesh.capacity_bytes, mesh.capacity_bytes - 100).victims == ("old",)
+
+
+async def test_per_model_gauges_show_the_busiest_models_only(parts):
+    from prometheus_client import CollectorRegistry
+
+    from modelmesh.metrics import TopModels
+
+    mesh, runtime, clock, metrics = parts
+    runtime.sizes = {"/m/m1": 300, "/m/m2": 100, "/m/m3": 200}
+    for model_id, requests in (("m1", 3), ("m2", 1), ("m3", 2)):
+        await register(mesh, model_id)
+        for _ in range(requests):
+            await infer(mesh, model_id)
+    scrape = CollectorRegistry()
+    scrape.register(TopModels(mesh.model_figures, 2))
+
+    def gauge(name, model_id):
+        return scrape.get_sample_value(name, {"modelId": model_id})
+
+    assert gauge("modelmesh_model_requests_per_minute", "m1") == 3
+    assert gauge("modelmesh_model_requests_per_minute", "m3") == 2
+    assert gauge("modelmesh_model_requests_per_minute", "m2") is None  # not among the 2 busiest
+    assert (gauge("modelmesh_model_size_bytes", "m1"), gauge("modelmesh_model_size_bytes", "m3")) == (300, 200)
+    assert gauge("modelmesh_model_copies", "m1") == 1
+    wider = CollectorRegistry()
+    wider.register(TopModels(mesh.model_figures, 10))
+    assert wider.get_sample_value("modelmesh_model_requests_per_minute", {"modelId": "m2"}) == 1

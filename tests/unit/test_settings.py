@@ -57,3 +57,15 @@ def test_uvloop_when_installed(choice):
 def test_shutdown_rehome_budget_from_env(value, expected):
     env = {} if value is None else {"MM_SHUTDOWN_REHOME_S": value}
     assert MeshSettings.from_env(env).shutdown_rehome_s == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 0), ("", 0), ("0", 0), ("25", 25)])
+def test_per_model_metrics_from_env(value, expected):
+    env = {} if value is None else {"MM_PER_MODEL_METRICS": value}
+    assert MeshSettings.from_env(env).per_model_metrics == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_a_bad_per_model_metrics_count_is_refused(value):
+    with pytest.raises(ValueError, match="MM_PER_MODEL_METRICS"):
+        MeshSettings.from_env({"MM_PER_MODEL_METRICS": value})
