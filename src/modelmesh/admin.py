@@ -722,7 +722,7 @@ async def run_models_command(args: argparse.Namespace) -> int:
     """
     command: _Command = args.models_command
     try:
-        async with grpc.aio.insecure_channel(args.endpoint, options=_CHANNEL_OPTIONS) as channel:
+        async with _channel(args) as channel:
             try:
                 return await command(channel, args)
             except grpc.aio.AioRpcError as err:
@@ -732,6 +732,30 @@ async def run_models_command(args: argparse.Namespace) -> int:
     except SourceError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    """Plaintext, or TLS when ``--ca-cert`` is given (with a client certificate when the pod
+    requires one)."""
+    if args.ca_cert is None:
+        if args.client_cert or args.client_key:
+            raise SourceError("--client-cert and --client-key need --ca-cert (TLS)")
+        return grpc.aio.insecure_channel(args.endpoint, options=_CHANNEL_OPTIONS)
+    if bool(args.client_cert) != bool(args.client_key):
+        raise SourceError("give --client-cert and --client-key together")
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise SourceError(f"cannot read {path}: {err.strerror or err}") from None
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.ca_cert), private_key=read(args.client_key),
+        certificate_chain=read(args.client_cert))
+    return grpc.aio.secure_channel(args.endpoint, credentials, options=_CHANNEL_OPTIONS)
 
 
 def _run_from_cli(args: argparse.Namespace) -> int:
@@ -767,6 +791,9 @@ def add_models_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         default=default_endpoint,
         help=f"gRPC endpoint of a mesh pod (env MM_ENDPOINT; default now {default_endpoint})",
     )
+    common.add_argument("--ca-cert", metavar="PEM", help="talk TLS to the pod, trusting these certificates")
+    common.add_argument("--client-cert", metavar="PEM", help="with --ca-cert: this client certificate (chain)")
+    common.add_argument("--client-key", metavar="PEM", help="with --client-cert: its private key")
     common.add_argument(
         "--timeout",
         metavar="SECONDS",

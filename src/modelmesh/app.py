@@ -40,6 +40,7 @@ from modelmesh.runtime.grpc_client import GrpcRuntimeClient, PeerClient
 from modelmesh.runtime.inprocess import InProcessRuntime
 from modelmesh.scaling import CopyKeeper
 from modelmesh.settings import MeshSettings, RuntimeSettings
+from modelmesh.tls import load_tls, peer_credentials, server_credentials
 from modelmesh.types import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
     """Start every part of a pod and return once it serves."""
     clock = clock or SystemClock()
     closers: list[Any] = []
+    tls = load_tls(settings)  # read first: a bad path fails the start before anything runs
+    peer_creds = peer_credentials(tls) if tls is not None else None
 
     async def unwind() -> None:
         for closer in reversed(closers):
@@ -207,7 +210,7 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
         mesh = Mesh(
             instance_id=settings.instance_id, registry=registry, runtime=runtime, metrics=metrics,
             clock=clock, load_failure_expiry_ms=settings.load_failure_expiry_ms,
-            peer_factory=lambda endpoint: PeerClient(endpoint, settings.max_msg_size),
+            peer_factory=lambda endpoint: PeerClient(endpoint, settings.max_msg_size, peer_creds),
             constraints=parse_type_constraints(settings.type_constraints),
             churn_guard_ms=settings.churn_guard_ms,
         )
@@ -229,7 +232,9 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
             health_servicer=health_servicer,
             max_msg_size=settings.max_msg_size,
         )
-        port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        address = f"{settings.host}:{settings.grpc_port}"
+        port = server.add_secure_port(address, server_credentials(tls)) if tls is not None \
+            else server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port}")
         await server.start()
@@ -289,7 +294,8 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
     except BaseException:
         await unwind()
         raise
-    log.info("modelmesh pod %s serving on %s:%d", settings.instance_id, settings.host, port)
+    log.info("modelmesh pod %s serving on %s:%d%s", settings.instance_id, settings.host, port,
+             "" if tls is None else f" with TLS (client certificates: {settings.tls_client_auth})")
     return MeshPod(settings, port, mesh, metrics_registry, metrics_port, closers)
 
 

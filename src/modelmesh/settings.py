@@ -16,6 +16,7 @@ from typing import Any
 
 MIB = 1024 * 1024
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+TLS_CLIENT_AUTH = ("NONE", "OPTIONAL", "REQUIRE")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -26,6 +27,10 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _paths(raw: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in raw.split(",") if x.strip())
 
 
 def _labels(raw: str) -> tuple[str, ...]:
@@ -89,6 +94,16 @@ class MeshSettings:
     # load on other pods before exiting; 0 skips it (MM_SHUTDOWN_REHOME_S). Keep the pod's
     # termination grace period above it.
     shutdown_rehome_s: float = 20.0
+    # TLS on the external port, as ModelMesh reads it: the pod's certificate (chain) and private key
+    # (MM_TLS_KEY_CERT_PATH, MM_TLS_PRIVATE_KEY_PATH; both or neither); client certificates
+    # NONE, OPTIONAL or REQUIRE (MM_TLS_CLIENT_AUTH), checked against MM_TLS_TRUST_CERT_PATH
+    # (files or folders of .pem/.crt, comma separated). Pod-to-pod hops use TLS too, trusting the
+    # pod's own certificate plus MM_INTERNAL_TRUST_CERTS.
+    tls_key_cert_path: str | None = None
+    tls_private_key_path: str | None = None
+    tls_client_auth: str = "NONE"
+    tls_trust_cert_paths: tuple[str, ...] = ()
+    internal_trust_cert_paths: tuple[str, ...] = ()
     # per-model gauges for this pod's N busiest models (requests in the last minute, size, copies);
     # 0 turns them off (MM_PER_MODEL_METRICS)
     per_model_metrics: int = 0
@@ -133,12 +148,28 @@ class MeshSettings:
             instance_lease_ttl_s=float(env.get("MM_INSTANCE_LEASE_TTL_S", "20") or 20),
             shutdown_rehome_s=max(0.0, float(env.get("MM_SHUTDOWN_REHOME_S", "20") or 20)),
             per_model_metrics=_int(env, "MM_PER_MODEL_METRICS", 0),
+            tls_key_cert_path=env.get("MM_TLS_KEY_CERT_PATH") or None,
+            tls_private_key_path=env.get("MM_TLS_PRIVATE_KEY_PATH") or None,
+            tls_client_auth=(env.get("MM_TLS_CLIENT_AUTH") or "NONE").upper(),
+            tls_trust_cert_paths=_paths(env.get("MM_TLS_TRUST_CERT_PATH", "")),
+            internal_trust_cert_paths=_paths(env.get("MM_INTERNAL_TRUST_CERTS", "")),
         )
+        if env.get("MM_TLS_PRIVATE_KEY_PASSPHRASE"):
+            raise ValueError("MM_TLS_PRIVATE_KEY_PASSPHRASE: encrypted private keys are not supported; "
+                             "give MM_TLS_PRIVATE_KEY_PATH an unencrypted PEM key")
         if env.get("MM_INSTANCE_ID"):
             base = replace(base, instance_id=env["MM_INSTANCE_ID"])
         settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if settings.runtime_mode not in ("process", "inprocess"):
             raise ValueError(f"MM_RUNTIME_MODE={settings.runtime_mode!r}: expected 'process' or 'inprocess'")
+        if (settings.tls_key_cert_path is None) != (settings.tls_private_key_path is None):
+            raise ValueError("TLS needs both MM_TLS_KEY_CERT_PATH and MM_TLS_PRIVATE_KEY_PATH")
+        if settings.tls_client_auth not in TLS_CLIENT_AUTH:
+            raise ValueError(f"MM_TLS_CLIENT_AUTH={settings.tls_client_auth!r}: expected one of "
+                             f"{', '.join(TLS_CLIENT_AUTH)}")
+        if settings.tls_client_auth != "NONE" and not (settings.tls_key_cert_path and settings.tls_trust_cert_paths):
+            raise ValueError(f"MM_TLS_CLIENT_AUTH={settings.tls_client_auth} needs TLS (MM_TLS_KEY_CERT_PATH) "
+                             "and the certificates to check clients against (MM_TLS_TRUST_CERT_PATH)")
         if settings.per_model_metrics < 0:
             raise ValueError(f"MM_PER_MODEL_METRICS={settings.per_model_metrics}: expected 0 (off) or a count")
         if settings.event_loop not in EVENT_LOOPS:

@@ -36,17 +36,19 @@ class GrpcForwarder:
 
     what = "server"
 
-    def __init__(self, target: str, max_msg_size: int) -> None:
+    def __init__(self, target: str, max_msg_size: int, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """``credentials``: TLS (``tls.peer_credentials``), else plaintext."""
         self.target = target
         self.max_msg_size = max_msg_size
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                *_CHANNEL_OPTIONS,
-                ("grpc.max_send_message_length", max_msg_size),
-                ("grpc.max_receive_message_length", max_msg_size),
-            ],
-        )
+        options = [
+            *_CHANNEL_OPTIONS,
+            ("grpc.max_send_message_length", max_msg_size),
+            ("grpc.max_receive_message_length", max_msg_size),
+        ]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
 
     async def close(self, grace_s: float | None = None) -> None:
