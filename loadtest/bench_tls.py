@@ -65,11 +65,15 @@ async def one_round(channel: grpc.aio.Channel, body: bytes, concurrency: int, du
     return {"rps": len(latencies) / elapsed, "p50": q[49] * 1000, "p99": q[98] * 1000}
 
 
+Rows = dict[tuple[str, int], list[dict[str, float]]]
+
+
 async def measure(pods: dict[str, tuple[PodProcess, grpc.ChannelCredentials | None]], body: bytes,
-                  concurrencies: list[int], rounds: int, duration: float) -> dict[tuple[str, int], list[dict[str, float]]]:
-    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+                  concurrencies: list[int], rounds: int, duration: float) -> Rows:
+    results: Rows = {}
     channels = {
-        name: grpc.aio.secure_channel(pod.address, creds) if creds is not None else grpc.aio.insecure_channel(pod.address)
+        name: grpc.aio.secure_channel(pod.address, creds) if creds is not None
+        else grpc.aio.insecure_channel(pod.address)
         for name, (pod, creds) in pods.items()
     }
     try:
