@@ -2,17 +2,23 @@
 a TLS pod (MM_TLS_KEY_CERT_PATH / MM_TLS_PRIVATE_KEY_PATH, a throwaway CA from trustme), in one run,
 alternating rounds so drift on the machine hits both alike.
 
-    python -m loadtest.bench_tls [--duration 5] [--concurrency 1 16] [--rounds 2]
+    python -m loadtest.bench_tls [--duration 5] [--concurrency 1 16] [--rounds 2] [--hop]
 
 Both pods host the built-in runtime in-process (the default) and run on this machine's loopback;
 the client sends a pre-serialized ModelInferRequest with raw gRPC over one long-lived connection
 per pod, so the figures show per-request TLS cost (record encryption), not handshakes.
+
+``--hop``: two clusters on one etcd instead (service names "plain" and "tls"), each of two pods;
+the model is pinned to the second pod (label ``holder``), and requests enter the first, so each
+request crosses the client's connection and the pod-to-pod hop, both TLS in the "tls" cluster.
+Afterwards the entry pods must have loaded nothing, else the run is reported invalid.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -29,6 +35,7 @@ from loadtest.bench_hop import infer_request, loadavg  # noqa: E402
 from modelmesh.demo import demo_model_id, write_demo_models  # noqa: E402
 from modelmesh.proto import model_mesh_pb2 as mpb  # noqa: E402
 from modelmesh.proto import model_mesh_pb2_grpc as mgrpc  # noqa: E402
+from tests.etcd_server import EtcdServer  # noqa: E402
 from tests.procs import PodProcess, start_pod  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -90,35 +97,65 @@ async def measure(pods: dict[str, tuple[PodProcess, grpc.ChannelCredentials | No
     return results
 
 
+def register(pod: PodProcess, creds: grpc.ChannelCredentials | None, path: Path, pinned: bool) -> None:
+    channel = grpc.secure_channel(pod.address, creds) if creds is not None else grpc.insecure_channel(pod.address)
+    with channel:
+        request = mpb.RegisterModelRequest(modelId=path.stem, modelInfo=mpb.ModelInfo(type="onnx", path=str(path)),
+                                           loadNow=True, sync=True)
+        if pinned:
+            request.placement.requiredLabels.append("holder")
+        mgrpc.ModelMeshStub(channel).registerModel(request, timeout=60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--hop", action="store_true", help="through a pod-to-pod hop (two clusters on one etcd)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         certs = make_certs(tmp)
+        tls_env = {"MM_TLS_KEY_CERT_PATH": str(certs["cert"]), "MM_TLS_PRIVATE_KEY_PATH": str(certs["key"])}
         path = write_demo_models(tmp / "models", 1, FEATURES)[0]
-        plain = start_pod(tmp, "--capacity", str(1 << 28))
-        tls = start_pod(tmp, "--capacity", str(1 << 28),
-                        env={"MM_TLS_KEY_CERT_PATH": str(certs["cert"]), "MM_TLS_PRIVATE_KEY_PATH": str(certs["key"])})
         creds = grpc.ssl_channel_credentials(certs["ca"].read_bytes())
+        entries: dict[str, tuple[PodProcess, grpc.ChannelCredentials | None]] = {}
+        started: list[PodProcess] = []
         try:
-            for pod, channel in ((plain, grpc.insecure_channel(plain.address)),
-                                 (tls, grpc.secure_channel(tls.address, creds))):
-                with channel:
-                    mgrpc.ModelMeshStub(channel).registerModel(mpb.RegisterModelRequest(
-                        modelId=path.stem, modelInfo=mpb.ModelInfo(type="onnx", path=str(path)), loadNow=True,
-                        sync=True), timeout=60)
+            if args.hop:
+                etcd = stack.enter_context(EtcdServer())
+                for name, env, pod_creds in (("plaintext", {}, None), ("tls", tls_env, creds)):
+                    common = ("--etcd", etcd.endpoint, "--capacity", str(1 << 28))
+                    entry = start_pod(tmp, *common, "--instance-id", f"{name}-a",
+                                      env={**env, "MM_SERVICE_NAME": name})
+                    holder = start_pod(tmp, *common, "--instance-id", f"{name}-b",
+                                       env={**env, "MM_SERVICE_NAME": name, "MM_LABELS": "holder"})
+                    started += [entry, holder]
+                    register(entry, pod_creds, path, pinned=True)
+                    entries[name] = (entry, pod_creds)
+            else:
+                plain = start_pod(tmp, "--capacity", str(1 << 28))
+                started.append(plain)
+                tls = start_pod(tmp, "--capacity", str(1 << 28), env=tls_env)
+                started.append(tls)
+                register(plain, None, path, pinned=False)
+                register(tls, creds, path, pinned=False)
+                entries = {"plaintext": (plain, None), "tls": (tls, creds)}
             print(f"loadavg {loadavg()} before the rounds")
             body = infer_request(demo_model_id(0), FEATURES)
-            results = asyncio.run(measure({"plaintext": (plain, None), "tls": (tls, creds)}, body,
-                                          args.concurrency, args.rounds, args.duration))
+            results = asyncio.run(measure(entries, body, args.concurrency, args.rounds, args.duration))
+            if args.hop:
+                for name, (entry, _) in entries.items():
+                    loads = entry.metrics().get("modelmesh_loadmodel_milliseconds_count", 0)
+                    if loads:
+                        print(f"INVALID: the entry pod of '{name}' loaded the model ({loads:g} loads): no hop")
+                        return 1
         finally:
-            plain.stop()
-            tls.stop()
-    print(f"\nTLS on the pod's port — {args.duration:g} s x {args.rounds} rounds each")
+            for pod in started:
+                pod.stop()
+    where = "through a pod-to-pod hop" if args.hop else "on the pod's port"
+    print(f"\nTLS {where} — {args.duration:g} s x {args.rounds} rounds each")
     print(f"{'conc':>5} {'plain req/s':>12} {'tls req/s':>10} {'ratio':>6} {'plain p50':>10} {'added p50':>10} "
           f"{'added p99':>10}")
     for conc in args.concurrency:
