@@ -166,6 +166,8 @@ class Mesh:
         # every rate period): while they do, eviction ranks by long-term use
         self.popularity = PopularityFit()
         # ids recently looked up in the store and not found there (see _read_through)
+        # requests waiting in _ensure_local for a model's load to end, by model id
+        self._waiting: dict[str, int] = {}
         self._unknown: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=10_000, ttl=1.0, timer=clock.monotonic)
         # vmodels, when the app has them (set after construction: VModels needs the mesh)
         self.aliases: Aliases | None = None
@@ -709,6 +711,7 @@ class Mesh:
                     self._loads[model_id] = task
                     task.add_done_callback(self._load_done)
                 # shield: a caller that gives up must not cancel a load others wait for
+                self._waiting[model_id] = self._waiting.get(model_id, 0) + 1
                 try:
                     await asyncio.shield(task)
                 except asyncio.CancelledError:
@@ -719,6 +722,12 @@ class Mesh:
                             raise ModelNotFound(f"model '{model_id}' was unregistered") from None
                         continue
                     raise
+                finally:
+                    left = self._waiting[model_id] - 1
+                    if left:
+                        self._waiting[model_id] = left
+                    else:
+                        del self._waiting[model_id]
         finally:
             self._metrics.cache_miss.observe((self._clock.monotonic() - started) * 1000)
 
@@ -867,7 +876,9 @@ class Mesh:
             uses = steady_use(uses, long_use_rpm(c.long_use, c.long_use_ms, now, record.registered_ms))
         return CachedModel(
             c.model_id, c.size_bytes, c.last_used_ms,
-            busy=c.state is CopyState.LOADING or c.in_flight > 0 or fresh,
+            # requests waiting for its load count as in flight: they are served by this copy once
+            # they wake, which is after the load ends (and after a headroom eviction that runs then)
+            busy=c.state is CopyState.LOADING or c.in_flight > 0 or fresh or c.model_id in self._waiting,
             request_rate_rpm=uses, min_copies_pinned=pinned, steady=steady,
         )
 

@@ -12,6 +12,7 @@ from modelmesh.mesh import Mesh
 from modelmesh.metrics import MeshMetrics
 from modelmesh.registry import Registry
 from modelmesh.routing import RouteTarget
+from modelmesh.localcopy import CopyState
 from modelmesh.types import ModelInfo, ModelState
 from tests.fakes import FakeRuntime
 
@@ -434,6 +435,41 @@ async def test_requests_not_yet_folded_count_for_eviction(parts):
     cache = [mesh._cached(c) for c in mesh.loaded_copies()]
     assert {c.model_id: c.request_rate_rpm for c in cache} == {"old": 3, "new": 20}
     assert choose_evictions(cache, mesh.capacity_bytes, mesh.capacity_bytes - 100).victims == ("old",)
+
+
+async def test_requests_waiting_for_a_load_keep_the_new_copy_from_headroom_eviction(parts):
+    """Seen in CI (twice): 20 concurrent first requests caused two loads. The model turned out
+    larger than predicted, so the load made more room (an unload: an await); a request arriving
+    meanwhile found the copy loaded and was served, so the copy no longer counted as fresh; then
+    the headroom eviction after the load ranked it, 1 use for 300 bytes, below models used 3 times,
+    and evicted it before the other 19 requests, still waiting on the load, woke. Requests waiting
+    for a copy's load now make it busy."""
+    mesh, runtime, clock, _ = parts
+    for i in range(9):  # 900 of 1000 bytes, each model used 3 times
+        await register(mesh, f"m{i}")
+        for _ in range(3):
+            await infer(mesh, f"m{i}")
+    await register(mesh, "new")
+    runtime.sizes["/m/new"] = 300  # predicted: the default 100
+    unloading = asyncio.Event()
+    unload = runtime.unload_model
+
+    async def slow_unload(model_id):
+        await unloading.wait()
+        await unload(model_id)
+
+    runtime.unload_model = slow_unload
+    runtime.gate = asyncio.Event()
+    waiters = [asyncio.create_task(infer(mesh, "new", str(i).encode())) for i in range(19)]
+    await asyncio.sleep(0.01)
+    runtime.gate.set()  # the load ends; making the extra 200 bytes waits for the unloads
+    while mesh._copies["new"].state is not CopyState.LOADED:
+        await asyncio.sleep(0.001)
+    assert await infer(mesh, "new", b"late") == b"late|new"  # served at once, while the others wait
+    unloading.set()
+    results = await asyncio.gather(*waiters)
+    assert results == [f"{i}|new".encode() for i in range(19)]
+    assert runtime.load_calls.count("new") == 1
 
 
 async def test_per_model_gauges_show_the_busiest_models_only(parts):
