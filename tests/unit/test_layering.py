@@ -51,6 +51,7 @@ def test_only_the_etcd_adapter_imports_aetcd(path):
 
 # the core speaks dataclasses: grpc and generated protos stay in the adapters
 CORE = ["mesh.py", "peers.py", "registry.py", "cluster.py", "watched.py", "routing.py", "rates.py", "scaling.py", "dynamic.py",
+        "vmodels.py", "localcopy.py", "podviews.py",
         "kv/base.py", "kv/memory.py", "runtime/base.py", "metrics.py", "settings.py"]
 
 
