@@ -404,6 +404,20 @@ class Mesh:
         the loads); returns the pods chosen."""
         return tuple(self._start_copies(model_id, count, copy_rpm))
 
+    async def match_copies(self, model_id: str, like: str, timeout_s: float) -> int:
+        """Load more copies of ``model_id`` until it has as many live copies as ``like`` (a vmodel's
+        new target next to its active model), waiting up to ``timeout_s`` for those loads; returns
+        the live copies it has then. Loads that fail or find no room leave it with fewer."""
+        target, current = self._registry.cached(model_id), self._registry.cached(like)
+        if target is None or current is None:
+            return 0
+        missing = len(self.pods.live_holders(current)) - len(self.pods.live_holders(target))
+        loads = list(self._start_copies(model_id, missing).values())
+        if loads:
+            await asyncio.wait(loads, timeout=timeout_s)
+        record = self._registry.cached(model_id)
+        return len(self.pods.live_holders(record)) if record is not None else 0
+
     def _start_copies(self, model_id: str, count: int, copy_rpm: float = 0.0) -> dict[str, asyncio.Task[object]]:
         """``place_copies``, returning each chosen pod's load task (done once the copy is loaded)."""
         record = self._registry.cached(model_id)

@@ -9,8 +9,8 @@ KServe ModelMesh's ``setVModel``/``deleteVModel``/``getVModelStatus`` contract:
   marks it for deletion once no vmodel refers to it); without, it must be registered already.
 - A new target becomes active at once when ``force`` is set, or when the active model is loaded
   nowhere (there is nothing warm to keep serving). Otherwise the vmodel is TRANSITIONING: the target
-  is loaded first (one copy; once active, traffic adds copies as for any model) and becomes active
-  when that copy is loaded. A failed load leaves TRANSITION_FAILED; the elected pod tries again
+  is loaded first, to as many copies as the active model has (as ModelMesh intends), and becomes
+  active when they are loaded (or, for the copies beyond the first, after MATCH_COPIES_TIMEOUT_S). A failed load leaves TRANSITION_FAILED; the elected pod tries again
   once the failure has expired (``advance_all``, every rate period), and finishes transitions whose
   pod went away.
 - A model an update leaves behind (the old active model, or a target replaced before it became
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 20
 # how long a sync set waits for its transition (ModelMesh: 4 minutes)
 SYNC_TRANSITION_TIMEOUT_S = 240.0
+# how long a move waits for the target's extra copies (to match the active model's) before it
+# makes the target active anyway
+MATCH_COPIES_TIMEOUT_S = 60.0
 
 
 class VModelState(enum.IntEnum):
@@ -278,13 +281,20 @@ class VModels:
         return task
 
     async def _transition(self, vmodel_id: str, target: str) -> None:
-        """Load the target, then make it active, unless the vmodel has moved on meanwhile."""
+        """Load the target, as many copies of it as the active model has (waiting up to
+        ``MATCH_COPIES_TIMEOUT_S`` for the extra ones), then make it active, unless the vmodel has
+        moved on meanwhile."""
         try:
             status = await self._mesh.ensure_loaded(target, sync=True)
         except ModelNotFound:
             return  # unregistered: the vmodel was given another target, or the model was deleted
-        if status.state is ModelState.LOADED:
-            await self._promote(vmodel_id, target)
+        if status.state is not ModelState.LOADED:
+            return
+        record = self.view.get(vmodel_id)
+        if record is not None and record.target == target and record.moving:
+            # a busy model's traffic moves all at once: give it the copies serving it now
+            await self._mesh.match_copies(target, record.active, MATCH_COPIES_TIMEOUT_S)
+        await self._promote(vmodel_id, target)
 
     async def _promote(self, vmodel_id: str, target: str) -> None:
         for _ in range(_CAS_ATTEMPTS):

@@ -253,7 +253,7 @@ async def test_the_leader_sweeps_copies_of_a_departed_pod(pods):
     a, c = pods["pod-a"], pods["pod-c"]
     await register(a, "m")
     await infer(c, "m", forwarded=True)
-    assert "pod-c" in a.registry.cached("m").copies
+    await until(lambda: "pod-c" in a.registry.cached("m").copies, "a to see the copy")  # by watch
     c.down = True
     await c.cluster.close()  # its lease goes, as when a pod dies and its TTL passes
     await until(lambda: "pod-c" not in (a.registry.cached("m").copies), "the sweep")
@@ -264,7 +264,7 @@ async def test_a_restarted_pod_forgets_copies_recorded_by_its_earlier_life(pods)
     a, b = pods["pod-a"], pods["pod-b"]
     await register(a, "m")
     await infer(b, "m", forwarded=True)
-    assert "pod-b" in a.registry.cached("m").copies
+    await until(lambda: "pod-b" in a.registry.cached("m").copies, "a to see the copy")  # by watch
     # pod-b restarts under the same id with an empty runtime
     restarted = Pod("pod-b", b.store, b.clock, pods)
     await restarted.registry.start()
@@ -386,9 +386,9 @@ async def test_the_leader_expires_old_failures_and_each_pod_reconciles_its_copie
 
     await register(a, "m")
     await infer(b, "m", forwarded=True)
+    await until(lambda: "pod-b" in a.registry.cached("m").copies, "a to see b's copy")  # a's view follows by watch
     b.runtime.loaded.clear()
     b.mesh._copies.clear()  # the runtime lost it and the pod noticed, but the record still says b
-    assert "pod-b" in a.registry.cached("m").copies
     await keeper(b).tick()
     await until(lambda: "pod-b" not in a.registry.cached("m").copies, "pod-b to correct the record")
 
@@ -435,7 +435,7 @@ async def test_copies_swept_while_a_lease_lapsed_come_back_to_the_records(pods):
     a, b = pods["pod-a"], pods["pod-b"]
     await register(a, "kept")
     await infer(b, "kept", forwarded=True)
-    assert "pod-b" in a.registry.cached("kept").copies
+    await until(lambda: "pod-b" in a.registry.cached("kept").copies, "a to see the copy")  # by watch
 
     # The store lost pod-b's lease (out of its reach past the TTL) and the leader swept its copies
     # from the records, as it does for a departed pod; pod-b published again under a new lease,

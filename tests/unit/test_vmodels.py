@@ -233,3 +233,15 @@ async def test_a_move_whose_pod_went_away_is_finished_by_the_elected_pod(pods):
     await b.vmodels.advance_all()  # the elected pod's round (any pod may run it)
     await until(lambda: c.vmodels.active("v") == "m2", "the elected pod to finish the move")
     assert await infer_vmodel(c, "v") == b"x|m2"
+
+
+async def test_a_move_loads_the_target_to_as_many_copies_as_the_active_model_has(pods):
+    a, b, c = pods["pod-a"], pods["pod-b"], pods["pod-c"]
+    await a.vmodels.set("v", "m1", info=info("m1"))
+    await register(a, "m2")
+    for pod in (a, b, c):  # a busy model: a copy on every pod
+        await pod.mesh.route(RouteTarget("m1", "model"), INFER, b"x", [("mm-model-id", "m1")], None, forwarded=True)
+    await until(lambda: len(a.mesh.record("m1").copies) == 3, "three copies of m1")
+    status = await a.vmodels.set("v", "m2", sync=True)
+    assert (status.state, status.active) == (VModelState.DEFINED, "m2")
+    assert set(a.mesh.record("m2").copies) == {"pod-a", "pod-b", "pod-c"}  # all loaded before the move
