@@ -229,7 +229,7 @@ async def test_a_move_whose_pod_went_away_is_finished_by_the_elected_pod(pods):
         pod.runtime.gate.set()
     await until(lambda: all(p.mesh.cached_status("m2").state is not ModelState.LOADING for p in (b, c)),
                 "the load a started to end")
-    assert b.vmodels.active("v") == "m1"  # nobody promoted it
+    assert (await b.vmodels.status("v")).active == "m1"  # nobody promoted it
     await b.vmodels.advance_all()  # the elected pod's round (any pod may run it)
     await until(lambda: c.vmodels.active("v") == "m2", "the elected pod to finish the move")
     assert await infer_vmodel(c, "v") == b"x|m2"
