@@ -46,6 +46,10 @@ from modelmesh.types import ModelInfo
 log = logging.getLogger(__name__)
 
 LISTENING_PREFIX = "modelmesh runtime listening on "
+# a new pod waits to be ready while another pod shuts down: at most its re-homing budget
+# (MM_SHUTDOWN_REHOME_S) plus this, checking this often
+READY_WAIT_MARGIN_S = 30.0
+READY_POLL_S = 0.2
 
 
 def configure_logging(level: str) -> None:
@@ -276,9 +280,39 @@ async def start_pod(settings: MeshSettings, *, clock: Clock | None = None) -> Me
 
         if settings.demo_models:
             await register_demo_models(mesh, settings)
-        serving["ready"] = True
-        for name in ("", management.SERVICE, bulk.SERVICE, dataplane.SERVICE):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        async def become_ready() -> None:
+            serving["ready"] = True
+            for name in ("", management.SERVICE, bulk.SERVICE, dataplane.SERVICE):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        stopping = cluster.others_stopping()
+        if not stopping:
+            await become_ready()
+        else:
+            # ModelMesh's rolling-update rule: a new pod is not ready while another pod is shutting
+            # down, so a rolling update stops the next old pod only once this one has re-homed its
+            # models; the pod serves requests meanwhile
+            log.info("not ready while %s %s shutting down", ", ".join(stopping),
+                     "is" if len(stopping) == 1 else "are")
+            limit_s = settings.shutdown_rehome_s + READY_WAIT_MARGIN_S
+
+            async def ready_when_none_stopping() -> None:
+                deadline = asyncio.get_running_loop().time() + limit_s
+                while cluster.others_stopping() and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(READY_POLL_S)
+                left = cluster.others_stopping()
+                if left:
+                    log.warning("ready after %.0f s though %s still shut(s) down", limit_s, ", ".join(left))
+                await become_ready()
+
+            waiting = asyncio.create_task(ready_when_none_stopping(), name="ready-after-stopping-pods")
+
+            async def stop_waiting(_g: float) -> None:
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+
+            closers.append(stop_waiting)
 
         async def not_serving(_g: float) -> None:
             serving["ready"] = False

@@ -90,6 +90,10 @@ class Cluster:
         record = self.view.get(instance_id)
         return record.endpoint if record else None
 
+    def others_stopping(self) -> list[str]:
+        """The other pods published as shutting down, sorted."""
+        return sorted(i for i, r in self.view.items() if i != self.instance_id and r.shutting_down)
+
     def instances(self) -> dict[str, InstanceRecord]:
         """Every live pod; this pod with its current figures rather than its last published ones."""
         out = dict(self.view.items())

@@ -319,3 +319,58 @@ def test_a_vmodel_set_through_one_pod_is_served_and_moved_through_the_other(tmp_
         for p in pods:
             assert p.stop() == 0, p.log()
             assert "Traceback" not in p.log(), p.log()
+
+
+def test_a_new_pod_is_not_ready_while_another_pod_shuts_down(tmp_path, etcd):
+    """ModelMesh's rolling-update rule: a pod that starts while another is shutting down (and
+    re-homing its models) turns ready only once that pod is gone, so a rolling update stops one old
+    pod at a time; it serves requests meanwhile."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from modelmesh.kv.etcd import EtcdStore
+    from modelmesh.proto import grpc_predict_v2_pb2 as pb
+    from modelmesh.proto import grpc_predict_v2_pb2_grpc as pbgrpc
+    from modelmesh.types import InstanceRecord
+
+    async def stopping_pod(action: str, lease: int = 0) -> int:
+        store = EtcdStore(etcd.endpoint)
+        try:
+            if action == "publish":  # as a stopping pod publishes itself, under its lease
+                lease = await store.grant_lease(30)
+                record = InstanceRecord(endpoint="127.0.0.1:1", capacity_bytes=1, shutting_down=True)
+                await store.put("mm/modelmesh/instances/old-pod", record.to_json(), lease=lease)
+            else:  # it exits: its lease goes
+                await store.revoke_lease(lease)
+            return lease
+        finally:
+            await store.close()
+
+    lease = asyncio.run(stopping_pod("publish"))
+    path = write_demo_models(tmp_path / "models", 1, F)[0]
+    pod = start_cluster(tmp_path, etcd, n=1)[0]
+    try:
+        with grpc.insecure_channel(pod.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            ready = pbgrpc.GRPCInferenceServiceStub(ch)
+
+            def is_ready() -> bool:
+                serving = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                return serving == health_pb2.HealthCheckResponse.SERVING and \
+                    ready.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+
+            assert not is_ready()
+            register(pod.address, path.stem, str(path))
+            client = tc.InferenceServerClient(pod.address)
+            try:
+                check_infer(client, 0)  # served while not ready
+            finally:
+                client.close()
+            time.sleep(1)
+            assert not is_ready()
+            asyncio.run(stopping_pod("exit", lease))
+            wait_for(is_ready, 10, "the pod to turn ready once the other pod is gone")
+        assert "not ready while old-pod is shutting down" in pod.log()
+    finally:
+        assert pod.stop() == 0, pod.log()
