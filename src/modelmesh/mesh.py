@@ -165,9 +165,9 @@ class Mesh:
         # whether this pod's copies' counts fit their long-term rates (the copy keeper updates it
         # every rate period): while they do, eviction ranks by long-term use
         self.popularity = PopularityFit()
-        # ids recently looked up in the store and not found there (see _read_through)
         # requests waiting in _ensure_local for a model's load to end, by model id
         self._waiting: dict[str, int] = {}
+        # (kind, id) recently looked up in the store and not found there (see _read_through)
         self._unknown: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=10_000, ttl=1.0, timer=clock.monotonic)
         # vmodels, when the app has them (set after construction: VModels needs the mesh)
         self.aliases: Aliases | None = None

@@ -10,9 +10,9 @@ KServe ModelMesh's ``setVModel``/``deleteVModel``/``getVModelStatus`` contract:
 - A new target becomes active at once when ``force`` is set, or when the active model is loaded
   nowhere (there is nothing warm to keep serving). Otherwise the vmodel is TRANSITIONING: the target
   is loaded first, to as many copies as the active model has (as ModelMesh intends), and becomes
-  active when they are loaded (or, for the copies beyond the first, after MATCH_COPIES_TIMEOUT_S). A failed load leaves TRANSITION_FAILED; the elected pod tries again
-  once the failure has expired (``advance_all``, every rate period), and finishes transitions whose
-  pod went away.
+  active when they are loaded (or, for the copies beyond the first, after MATCH_COPIES_TIMEOUT_S).
+  A failed load leaves TRANSITION_FAILED; the elected pod tries again once the failure has expired
+  (``advance_all``, every rate period), and finishes transitions whose pod went away.
 - A model an update leaves behind (the old active model, or a target replaced before it became
   active) is unregistered when it was registered with auto-delete and no vmodel refers to it.
   ModelMesh counts references in each model record and updates both records in one transaction;
