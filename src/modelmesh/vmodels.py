@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 _CAS_ATTEMPTS = 20
 # how long a sync set waits for its transition (ModelMesh: 4 minutes)
 SYNC_TRANSITION_TIMEOUT_S = 240.0
+# how long a model a vmodel stopped serving stays registered before auto-delete collects it
+RETIRE_GRACE_S = 2.0
 # how long a move waits for the target's extra copies (to match the active model's) before it
 # makes the target active anyway
 MATCH_COPIES_TIMEOUT_S = 60.0
@@ -106,22 +108,26 @@ NOT_FOUND = VModelStatus(VModelState.NOT_FOUND, active_status=ModelStatus(ModelS
 class VModels:
     """The vmodel table: this pod's view of it (request path), and the management calls."""
 
-    def __init__(self, store: KVStore, key_root: str, mesh: Mesh, clock: Clock) -> None:
+    def __init__(self, store: KVStore, key_root: str, mesh: Mesh, clock: Clock, *,
+                 retire_grace_s: float = RETIRE_GRACE_S) -> None:
         self._store = store
         self._prefix = f"{key_root}/vmodels/"
         self._mesh = mesh
         self._clock = clock
+        self._retire_grace_s = retire_grace_s
         self.view: PrefixView[VModelRecord] = PrefixView(store, self._prefix, VModelRecord.from_json, name="vmodels")
         # transitions this pod is driving: vmodel id -> task (at most one per vmodel)
         self._moves: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        # former active models waiting out the grace before they are collected
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.view.start()
 
     async def close(self) -> None:
-        tasks = [task for _, task in self._moves.values()]
+        tasks = [task for _, task in self._moves.values()] + list(self._retiring)
         for task in tasks:
-            task.cancel()
+            task.cancel()  # a retiring model is collected at once (see _collect_after)
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.view.close()
 
@@ -196,8 +202,11 @@ class VModels:
             if created_model:  # nothing refers to the model this call registered
                 await self._mesh.unregister(target)
             raise
-        for model_id in left_behind:
-            await self._collect(model_id)
+        for model_id, served in left_behind:
+            if served:
+                self._retire(model_id)
+            else:
+                await self._collect(model_id)
         if record.moving:
             move = self._move(vmodel_id, record.target)
             if sync:
@@ -208,9 +217,9 @@ class VModels:
 
     async def _write_target(
         self, vmodel_id: str, target: str, *, owner: str, update_only: bool, force: bool, expected_target: str,
-    ) -> tuple[VModelRecord, list[str]]:
+    ) -> tuple[VModelRecord, list[tuple[str, bool]]]:
         """Compare-and-set the vmodel's new target; returns the record and the models it no
-        longer refers to."""
+        longer refers to, each with whether it was the active one (served requests)."""
         for _ in range(_CAS_ATTEMPTS):
             found = await self._get(vmodel_id)
             now = self._clock.now_ms()
@@ -224,11 +233,11 @@ class VModels:
                 current, revision = found
                 if current.target == target and not (force and current.moving):
                     return current, []
-                left_behind = [current.target] if current.target not in (current.active, target) else []
+                left_behind = [(current.target, False)] if current.target not in (current.active, target) else []
                 if force or self._loaded_nowhere(current.active):
                     record = replace(current, active=target, target=target, updated_ms=now)
                     if current.active != target:
-                        left_behind.append(current.active)
+                        left_behind.append((current.active, True))
                 else:
                     record = replace(current, target=target, updated_ms=now)
             try:
@@ -307,9 +316,29 @@ class VModels:
             except CasFailed:
                 continue
             log.info("vmodel '%s' now serves model '%s' (was '%s')", vmodel_id, target, current.active)
-            await self._collect(current.active)
+            self._retire(current.active)
             return
         raise Conflict(f"vmodel '{vmodel_id}' changed {_CAS_ATTEMPTS} times while being promoted")
+
+    def _retire(self, model_id: str) -> None:
+        """Collect a model a vmodel served until now, after ``retire_grace_s``: other pods' views
+        switch to the new model within a watch round trip, and until then they still send it
+        requests (and requests resolved just before the switch are still on their way)."""
+        task = asyncio.create_task(self._collect_after(model_id), name=f"vmodel-retire:{model_id}")
+        self._retiring.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._retiring.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("could not collect model '%s': %s", model_id, t.exception())
+
+        task.add_done_callback(done)
+
+    async def _collect_after(self, model_id: str) -> None:
+        try:
+            await asyncio.sleep(self._retire_grace_s)
+        finally:  # also when the pod stops meanwhile: collected now rather than never
+            await self._collect(model_id)
 
     async def _collect(self, model_id: str) -> None:
         """Unregister a model left behind when it was registered for auto-deletion and no vmodel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -69,8 +70,11 @@ def test_vmodel_commands_create_move_show_and_delete(tmp_path):
         moved = modelmesh("models", "vmodel-set", "isvc", "demo-0001", "--path", str(models / "demo-0001.onnx"),
                           "--auto-delete", "--expect", "demo-0000", "--sync", *ep).stdout
         assert moved.strip() == "isvc: DEFINED -> demo-0001 (LOADED) [owner team]"
-        # the first model went with the move (auto-delete)
-        assert modelmesh("models", "status", "demo-0000", *ep, check=False).returncode == 1
+        # the first model goes with the move (auto-delete), after a short grace
+        deadline = time.monotonic() + 15
+        while modelmesh("models", "status", "demo-0000", *ep, check=False).returncode != 1:
+            assert time.monotonic() < deadline, "demo-0000 was not collected"
+            time.sleep(0.2)
         stale = modelmesh("models", "vmodel-set", "isvc", "demo-0001", "--expect", "demo-0000",
                           "--owner", "other", *ep, check=False)
         assert stale.returncode == 1 and "ALREADY_EXISTS" in stale.stderr

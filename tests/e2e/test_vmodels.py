@@ -4,6 +4,8 @@ pod's per-model gauges (MM_PER_MODEL_METRICS=2), which follow the models the req
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -77,8 +79,12 @@ def test_a_vmodel_is_served_by_name_and_moves_to_a_new_model(pod, stub, models_d
         owner="ksvc", expectedTargetModelId=first, sync=True))
     assert (status.status, status.activeModelId, status.targetModelId) == (VM.DEFINED, second, second)
     assert served_index(pod, "isvc") == 1
-    # the first model was registered for the vmodel with auto-delete: gone with the move
-    assert stub.getModelStatus(mpb.GetStatusRequest(modelId=first)).status == mpb.ModelStatusInfo.NOT_FOUND
+    # the first model was registered for the vmodel with auto-delete: it serves for a short grace
+    # (requests resolved before the switch), then goes
+    deadline = time.monotonic() + 15
+    while stub.getModelStatus(mpb.GetStatusRequest(modelId=first)).status != mpb.ModelStatusInfo.NOT_FOUND:
+        assert time.monotonic() < deadline, "the first model was not collected"
+        time.sleep(0.2)
 
     status = stub.getVModelStatus(mpb.GetVModelStatusRequest(vModelId="isvc", owner="ksvc"))
     assert (status.status, status.activeModelId) == (VM.DEFINED, second)

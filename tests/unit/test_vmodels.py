@@ -12,13 +12,15 @@ from modelmesh.types import ModelInfo, ModelState
 from modelmesh.vmodels import VModels, VModelState
 from tests.unit.test_mesh_cluster import INFER, register, start_pods, stop_pods, until
 
+GRACE_S = 0.3  # how long a model a vmodel stopped serving stays registered (retire_grace_s)
+
 
 @pytest.fixture
 async def pods():
     # leases longer than any clock jump here (a jump past the TTL would expire every pod)
     started = await start_pods(lease_ttl_s=24 * 3600)
     for pod in started.values():
-        pod.vmodels = VModels(pod.store, "mm/t", pod.mesh, pod.clock)
+        pod.vmodels = VModels(pod.store, "mm/t", pod.mesh, pod.clock, retire_grace_s=GRACE_S)
         await pod.vmodels.start()
         pod.mesh.aliases = pod.vmodels
     yield started
@@ -246,3 +248,26 @@ async def test_a_move_loads_the_target_to_as_many_copies_as_the_active_model_has
     assert (status.state, status.active) == (VModelState.DEFINED, "m2")
     # all three loaded before the move (each pod wrote its copy before answering the load)
     assert {p.id for p in pods.values() if "m2" in p.runtime.loaded} == {"pod-a", "pod-b", "pod-c"}
+
+
+async def test_the_model_a_vmodel_stopped_serving_stays_registered_for_a_grace(pods):
+    a, b = pods["pod-a"], pods["pod-b"]
+    await a.vmodels.set("v", "m1", info=info("m1"), auto_delete=True)
+    await infer_vmodel(a, "v")
+    await a.vmodels.set("v", "m2", info=info("m2"), auto_delete=True, sync=True)
+    # requests that resolved "v" to m1 just before the switch (or on a pod whose view is behind)
+    # still find m1 for a moment
+    assert await b.mesh.route(RouteTarget("m1", "model"), INFER, b"x", [("mm-model-id", "m1")], None) == b"x|m1"
+    assert await a.mesh.fetch_record("m1") is not None
+    await asyncio.sleep(GRACE_S + 0.1)
+    await until(lambda: a.mesh.record("m1") is None, "m1 to be collected after the grace")
+
+
+async def test_a_pod_stopping_during_the_grace_collects_at_once(pods):
+    a = pods["pod-a"]
+    await a.vmodels.set("v", "m1", info=info("m1"), auto_delete=True)
+    await infer_vmodel(a, "v")
+    await a.vmodels.set("v", "m2", info=info("m2"), auto_delete=True, sync=True)
+    assert await a.mesh.fetch_record("m1") is not None
+    await a.vmodels.close()
+    assert await a.mesh.fetch_record("m1") is None
