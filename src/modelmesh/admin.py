@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from tqdm import tqdm
@@ -371,9 +372,9 @@ def describe_rpc_error(code: str, details: str, endpoint: str, *, reached: bool)
 # ---------------------------------------------------------------------------------------------
 
 
-def _status_name(value: int) -> str:
+def _status_name(value: int, enum: Any = model_mesh_pb2.ModelStatusInfo.ModelStatus) -> str:
     try:
-        return model_mesh_pb2.ModelStatusInfo.ModelStatus.Name(value)
+        return str(enum.Name(value))
     except ValueError:  # a newer pod may send a status this client does not know yet
         return f"UNKNOWN({value})"
 
@@ -456,8 +457,7 @@ async def _cmd_load(channel: grpc.aio.Channel, args: argparse.Namespace) -> int:
 
 def format_vmodel(vmodel_id: str, info: model_mesh_pb2.VModelStatusInfo) -> str:
     """``ID: STATE -> ACTIVE (its state)``, plus the target while the vmodel moves to it."""
-    state = model_mesh_pb2.VModelStatusInfo.VModelStatus.Name(info.status) \
-        if info.status in model_mesh_pb2.VModelStatusInfo.VModelStatus.values() else f"UNKNOWN({info.status})"
+    state = _status_name(info.status, model_mesh_pb2.VModelStatusInfo.VModelStatus)
     if info.status == model_mesh_pb2.VModelStatusInfo.NOT_FOUND:
         return f"{vmodel_id}: NOT_FOUND"
     line = f"{vmodel_id}: {state} -> {info.activeModelId} ({_status_name(info.activeModelStatus.status)})"

@@ -32,7 +32,6 @@ from modelmesh.errors import MeshError, RuntimeUnavailable
 from modelmesh.kv.base import KVStore
 from modelmesh.kv.memory import MemoryStore
 from modelmesh.mesh import Mesh
-from modelmesh.vmodels import VModels
 from modelmesh.metrics import MeshMetrics, TopModels
 from modelmesh.placement.load import parse_type_constraints
 from modelmesh.registry import Registry
@@ -42,6 +41,7 @@ from modelmesh.scaling import CopyKeeper
 from modelmesh.settings import MeshSettings, RuntimeSettings
 from modelmesh.tls import load_tls, peer_credentials, server_credentials
 from modelmesh.types import ModelInfo
+from modelmesh.vmodels import VModels
 
 log = logging.getLogger(__name__)
 

@@ -54,6 +54,10 @@ class LocalCopy:
     long_use_ms: int = 0
     predicted_rpm: float = -1.0
 
+    def minute_uses(self, now_ms: int) -> float:
+        """Requests in the last minute: the rate window's, plus those not folded into it yet."""
+        return self.rate.minute_rpm(now_ms) + self.requests
+
 
 def last_use(record: ModelRecord) -> int:
     """The model's last use for placement's load filter, 0 when it has had none: a record keeps its

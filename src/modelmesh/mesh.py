@@ -119,6 +119,12 @@ def validate_model_id(model_id: str) -> None:
         raise InvalidRequest("model id must not contain control characters")
 
 
+def _validate_registration(model_id: str, info: ModelInfo) -> None:
+    validate_model_id(model_id)
+    if not info.type:
+        raise InvalidRequest("model info needs a type (for example 'onnx')")
+
+
 class Aliases(Protocol):
     """Names that stand for a model (vmodels, ``vmodels.VModels``), as the request path sees them."""
 
@@ -404,19 +410,17 @@ class Mesh:
         the loads); returns the pods chosen."""
         return tuple(self._start_copies(model_id, count, copy_rpm))
 
-    async def match_copies(self, model_id: str, like: str, timeout_s: float) -> int:
+    async def match_copies(self, model_id: str, like: str, timeout_s: float) -> None:
         """Load more copies of ``model_id`` until it has as many live copies as ``like`` (a vmodel's
-        new target next to its active model), waiting up to ``timeout_s`` for those loads; returns
-        the live copies it has then. Loads that fail or find no room leave it with fewer."""
+        new target next to its active model), waiting up to ``timeout_s`` for those loads. Loads
+        that fail or find no room leave it with fewer."""
         target, current = self._registry.cached(model_id), self._registry.cached(like)
         if target is None or current is None:
-            return 0
+            return
         missing = len(self.pods.live_holders(current)) - len(self.pods.live_holders(target))
         loads = list(self._start_copies(model_id, missing).values())
         if loads:
             await asyncio.wait(loads, timeout=timeout_s)
-        record = self._registry.cached(model_id)
-        return len(self.pods.live_holders(record)) if record is not None else 0
 
     def _start_copies(self, model_id: str, count: int, copy_rpm: float = 0.0) -> dict[str, asyncio.Task[object]]:
         """``place_copies``, returning each chosen pod's load task (done once the copy is loaded)."""
@@ -883,7 +887,7 @@ class Mesh:
         # and those since the copy keeper last folded them in), plus what the record still carries
         # of the model's use when its last copy went; on a pod whose counts fit their long-term
         # rates, the long-term rate unless the minute says the traffic moved
-        uses = c.rate.minute_rpm(now) + c.requests + (carried(record, c, now) if record is not None else 0.0)
+        uses = c.minute_uses(now) + (carried(record, c, now) if record is not None else 0.0)
         steady = self.popularity.steady and record is not None
         if steady:
             assert record is not None
@@ -1030,9 +1034,7 @@ class Mesh:
         last_used_ms: int = 0,
         policy: PlacementPolicy | None = None,
     ) -> ModelStatus:
-        validate_model_id(model_id)
-        if not info.type:
-            raise InvalidRequest("model info needs a type (for example 'onnx')")
+        _validate_registration(model_id, info)
         policy = policy or PlacementPolicy()
         if policy.min_copies > MAX_MIN_COPIES:
             raise InvalidRequest(f"minCopies {policy.min_copies} is more than {MAX_MIN_COPIES}")
@@ -1042,17 +1044,8 @@ class Mesh:
             min_copies=policy.min_copies, all_pods=policy.all_pods,
             pin_labels=tuple(sorted(set(policy.pin_labels))),
         )
-        created = await self._registry.create(model_id, record)
-        if not created:
-            existing = await self._registry.get(model_id)
-            if existing is not None and (existing.record.info, policy_of(existing.record)) != (
-                info, policy_of(record)
-            ):
-                raise ModelExists(
-                    f"model '{model_id}' is already registered with different info "
-                    f"(type={existing.record.info.type!r}, path={existing.record.info.path!r}); "
-                    "unregister it first"
-                )
+        created = await self._create_record(
+            model_id, record, lambda r: (r.info, policy_of(r)) == (info, policy_of(record)))
         if policy.min_copies > 1 or policy.all_pods:
             self.ensure_min_copies(model_id)
         if load_now:
@@ -1066,20 +1059,24 @@ class Mesh:
         """Register a vmodel's target (setVModel with modelInfo): True when this call created the
         record; a model registered already with the same info is used as it is (its auto-delete
         flag unchanged, as in ModelMesh), with other info it is ALREADY_EXISTS."""
-        validate_model_id(model_id)
-        if not info.type:
-            raise InvalidRequest("model info needs a type (for example 'onnx')")
+        _validate_registration(model_id, info)
         now = self._clock.now_ms()
         record = ModelRecord(info=info, registered_ms=now, last_used_ms=now, auto_delete=auto_delete)
+        return await self._create_record(model_id, record, lambda r: r.info == info)
+
+    async def _create_record(self, model_id: str, record: ModelRecord, same: Callable[[ModelRecord], bool]) -> bool:
+        """Store a new model record: True when created; False when the id is registered already
+        with a record ``same`` accepts (a repeated registration); ModelExists when it differs."""
         if await self._registry.create(model_id, record):
             return True
         existing = await self._registry.get(model_id)
         if existing is None:  # unregistered in between: try once more
             return await self._registry.create(model_id, record)
-        if existing.record.info != info:
+        if not same(existing.record):
             raise ModelExists(
-                f"target model '{model_id}' is already registered with different info "
-                f"(type={existing.record.info.type!r}, path={existing.record.info.path!r})"
+                f"model '{model_id}' is already registered with different info "
+                f"(type={existing.record.info.type!r}, path={existing.record.info.path!r}); "
+                "unregister it first"
             )
         return False
 
@@ -1191,7 +1188,7 @@ class Mesh:
             if c.state is not CopyState.LOADED:
                 continue
             record = self._registry.cached(c.model_id)
-            figures.append(ModelFigures(c.model_id, c.rate.minute_rpm(now) + c.requests, c.size_bytes,
+            figures.append(ModelFigures(c.model_id, c.minute_uses(now), c.size_bytes,
                                         len(record.copies) if record is not None else 1))
         return figures
 

@@ -34,7 +34,7 @@ def _paths(raw: str) -> tuple[str, ...]:
 
 
 def _labels(raw: str) -> tuple[str, ...]:
-    return tuple(sorted(x.strip() for x in raw.split(",") if x.strip()))
+    return tuple(sorted(_paths(raw)))
 
 
 @dataclass(frozen=True)

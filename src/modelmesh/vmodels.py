@@ -35,7 +35,6 @@ import asyncio
 import enum
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from modelmesh.clock import Clock
@@ -141,9 +140,6 @@ class VModels:
         """Read one record from the store into the view (a vmodel set through another pod a moment
         ago, which the watch has not brought yet)."""
         await self._get(vmodel_id)
-
-    def items(self) -> Iterator[tuple[str, VModelRecord]]:
-        return self.view.items()
 
     # ---- store
 
